@@ -1,0 +1,33 @@
+# mailpipe: the two commands a newcomer needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test lab install debian-tools clean
+
+demo: $(STAMP)        ## start the lab, send one message end to end, show its hops, stop
+	$(BIN)/mailpipe demo
+
+test: $(STAMP) debian-tools   ## the whole test suite (unit, protocol, end-to-end, interop, notebooks)
+	$(BIN)/python -m pytest
+
+lab: $(STAMP)         ## JupyterLab on the notebooks
+	$(BIN)/jupyter lab notebooks/
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+debian-tools:         ## swaks and curl for the interop tests (installed with apt-get when missing)
+	@bash scripts/debian-tools.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache

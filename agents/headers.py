@@ -1,0 +1,113 @@
+"""Reading and adding message header fields (RFC 5322), byte-exact.
+
+Agents never re-serialise a message they relay: they prepend trace fields
+(``Received:``, ``Return-Path:``) and, at the MSA, add the fields a message
+must have (``Message-ID``, ``Date``). Everything else passes through byte for
+byte, which is what keeps DKIM signatures valid across hops (RFC 6376 5.4).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+import uuid
+
+_SAFE_TOKEN = re.compile(rb"[^\x21-\x7e]")
+
+
+def split_message(content: bytes) -> tuple[bytes, bytes]:
+    """``(header block including its final CRLF, body)``; RFC 5322 2.1."""
+    end = content.find(b"\r\n\r\n")
+    if end < 0:
+        if content.startswith(b"\r\n"):
+            return b"", content[2:]
+        return content, b""
+    return content[: end + 2], content[end + 4 :]
+
+
+def header_fields(content: bytes) -> list[tuple[str, str]]:
+    """All header fields as ``(name, unfolded value)`` pairs, in order."""
+    block, _ = split_message(content)
+    fields: list[tuple[str, str]] = []
+    for line in block.split(b"\r\n"):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + " " + line.strip().decode("utf-8", "replace"))
+        elif b":" in line:
+            name, _, value = line.partition(b":")
+            fields.append((name.decode("ascii", "replace").strip(), value.strip().decode("utf-8", "replace")))
+    return fields
+
+
+def get_header(content: bytes, name: str) -> str | None:
+    """The first field called ``name`` (case-insensitive), or ``None``."""
+    lname = name.lower()
+    for fname, value in header_fields(content):
+        if fname.lower() == lname:
+            return value
+    return None
+
+
+def safe_token(value: str | bytes, limit: int = 255) -> str:
+    """Make a peer-supplied word (a HELO name) safe to put in a header.
+
+    A HELO argument is attacker-controlled; copying it raw into ``Received:``
+    could inject a CRLF and a header of the attacker's choosing.
+    """
+    if isinstance(value, str):
+        value = value.encode("utf-8", "replace")
+    return _SAFE_TOKEN.sub(b"?", value[:limit]).decode("ascii") or "unknown"
+
+
+def rfc5322_date(when: float | None = None) -> str:
+    return email.utils.formatdate(when if when is not None else time.time(), localtime=False)
+
+
+def received_field(
+    *,
+    helo: str | None,
+    peer_ip: str,
+    by: str,
+    protocol: str,
+    queue_id: str,
+    recipient: str | None = None,
+    tls: str | None = None,
+    when: float | None = None,
+) -> bytes:
+    """One ``Received:`` trace field (RFC 5321 4.4), folded, ending in CRLF.
+
+    ``protocol`` is a registered "with" keyword (RFC 3848): ``ESMTP``, plus
+    ``S`` when TLS was used and ``A`` when the client authenticated
+    (``ESMTPSA``), or ``LMTP``.
+    """
+    parts = [f"Received: from {safe_token(helo or 'unknown')} ([{peer_ip}])"]
+    by_clause = f"by {by} (mailpipe) with {protocol}"
+    if tls:
+        by_clause += f" ({tls})"
+    parts.append(f"{by_clause} id {queue_id}")
+    tail = f"for <{recipient}>; " if recipient else ""
+    parts.append(f"{tail}{rfc5322_date(when)}")
+    return ("\r\n\t".join(parts) + "\r\n").encode()
+
+
+def new_message_id(domain: str) -> str:
+    return f"<{uuid.uuid4().hex}@{domain}>"
+
+
+def complete_for_submission(content: bytes, domain: str, when: float | None = None) -> tuple[bytes, str]:
+    """Add ``Message-ID`` and ``Date`` when missing, as an MSA may (RFC 6409 8.2, 8.3).
+
+    Returns the new content and its Message-ID.
+    """
+    added = b""
+    message_id = get_header(content, "Message-ID")
+    if message_id is None:
+        message_id = new_message_id(domain)
+        added += f"Message-ID: {message_id}\r\n".encode()
+    if get_header(content, "Date") is None:
+        added += f"Date: {rfc5322_date(when)}\r\n".encode()
+    block, body = split_message(content)
+    return block + added + b"\r\n" + body, message_id

@@ -1,0 +1,97 @@
+"""The MDA: final delivery into mailboxes, and the way users read them.
+
+Mail arrives from the domain's MTA over LMTP (RFC 2033). LMTP is SMTP without
+a queue: the MDA either stores the message for a recipient right now or says
+why not, and it says so *per recipient* after the data, so one full mailbox
+does not hold up the others. Each message is written to the user's Maildir
+(tmp -> fsync -> rename into new), and only then acknowledged.
+
+Users read their mail over IMAP4rev1 (RFC 3501; STARTTLS, and implicit TLS on
+imaps, RFC 8314) and POP3 (RFC 1939, STLS, RFC 2595). A user in IMAP IDLE
+(RFC 2177) hears about a delivery the moment it is stored.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from twisted.internet import defer
+
+from .headers import get_header, received_field
+from .imap import make_imap_factory
+from .lmtp import LMTPServerFactory
+from .maildir import MailStore
+from .pop3 import make_pop3_factory
+from .smtpserver import Reply, ServerPolicy, SMTPHandler
+from .spool import new_queue_id
+from .users import UserDB, UserDBChecker
+
+
+class LocalDeliveryPolicy(SMTPHandler):
+    """The MDA's decisions, one hook per step of the LMTP transaction."""
+
+    def __init__(self, ctx, store: MailStore):
+        self.ctx, self.store = ctx, store
+        self.domain = ctx.domain
+
+    def handle_CONNECT(self, session):
+        # Only this domain's MTA delivers here; LMTP is not for the internet.
+        if session.peer != self.domain.address:
+            return Reply(554, "5.7.1", "LMTP is only for this domain's MTA")
+        return None
+
+    def handle_RCPT(self, session, envelope, address, options):
+        user = self.ctx.config.user(address)
+        if user is None or user.domain != self.domain.name:
+            return Reply(550, "5.1.1", f"<{address}>: no such user here")
+        return None
+
+    def handle_DATA(self, session, envelope):
+        """Store one copy per recipient; RFC 2033 4.2: one reply each, in order."""
+        queue_id = new_queue_id()
+        message_id = get_header(envelope.content, "Message-ID")
+        replies = [self._deliver_one(session, envelope, rcpt, queue_id, message_id)
+                   for rcpt in envelope.rcpt_tos]
+        return defer.gatherResults(replies)
+
+    def _deliver_one(self, session, envelope, rcpt: str, queue_id: str, message_id: str | None):
+        # RFC 5321 4.4: the final delivery adds Return-Path (the envelope
+        # sender) and, by convention, Delivered-To; plus our Received line.
+        trace = f"Return-Path: <{envelope.mail_from}>\r\nDelivered-To: {rcpt}\r\n".encode()
+        trace += received_field(helo=session.helo, peer_ip=session.peer, by=self.domain.host("mda"),
+                                protocol="LMTP", queue_id=queue_id, recipient=rcpt)
+        d = self.store.deliver(rcpt, trace + envelope.content)
+
+        def stored(name):
+            self.ctx.tracer.event("stored", queue_id=queue_id, rcpt=rcpt, maildir_file=name,
+                                  message_id=message_id)
+            return Reply(250, "2.0.0", f"<{rcpt}> delivered as {queue_id}")
+
+        def failed(f):
+            err = f.value
+            self.ctx.tracer.event("store.failed", queue_id=queue_id, rcpt=rcpt, error=str(err))
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                return Reply(452, "4.2.2", f"<{rcpt}>: mailbox full or disk full")
+            return Reply(451, "4.3.0", f"<{rcpt}>: cannot store the message now")
+
+        return d.addCallbacks(stored, failed)
+
+
+def build(ctx) -> None:
+    store = MailStore(ctx.home.maildirs)
+    for user in ctx.config.users_of(ctx.domain.name):
+        store.maildir(user.address)
+    checker = UserDBChecker(UserDB(ctx.home.users_file))
+    tls = ctx.server_tls()
+    lmtp_policy = ServerPolicy(
+        hostname=ctx.domain.host("lmtp"),
+        max_message_size=ctx.config.max_message_size,
+        max_recipients=ctx.config.max_recipients,
+        tls_context=None,
+        implicit_tls=False,
+        require_auth=False,
+    )
+    ctx.listen_tcp("lmtp", LMTPServerFactory(lmtp_policy, LocalDeliveryPolicy(ctx, store), tracer=ctx.tracer))
+    ctx.listen_tcp("imap", make_imap_factory(store, checker, tls, tracer=ctx.tracer))
+    ctx.listen_ssl("imaps", make_imap_factory(store, checker, tls, implicit_tls=True, tracer=ctx.tracer), tls)
+    ctx.listen_tcp("pop3", make_pop3_factory(store, checker, tls, tracer=ctx.tracer))

@@ -1,0 +1,122 @@
+"""The MTA: a domain's mail exchanger, relaying between domains (RFC 5321).
+
+It listens on the SMTP port at ``mx.<domain>``, the host the domain's MX
+record names, and accepts two kinds of mail:
+
+* for its **own domain**, from anyone on the internet (that is what an MX is
+  for), if the recipient exists; it then delivers to its MDA over LMTP;
+* for **other domains**, only from its own domain's MSA (the provider's own
+  address). Relaying for strangers is refused with ``554 5.7.1``: an "open
+  relay" is how spam was sent in the 1990s (RFC 5321 3.6.2 and 7.1).
+
+It answers 250 to DATA only after the message is durably in its spool
+(RFC 5321 6.1), then routes each recipient: MX lookup and SMTP relay for other
+domains, LMTP for its own. Loops are cut by counting ``Received:`` lines
+(RFC 5321 6.3).
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+
+from .dsn import bounce_maker
+from .headers import get_header, header_fields, received_field
+from .queue import DeliveryQueue, Outcome
+from .routing import Router
+from .smtpserver import Reply, ServerPolicy, SMTPHandler, SMTPServerFactory
+from .spool import Spool, new_queue_id
+
+#: RFC 5321 6.3: a message that has passed this many hops is looping.
+MAX_HOPS = 30
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class TransferPolicy(SMTPHandler):
+    """The MTA's decisions, one hook per step of the SMTP transaction."""
+
+    def __init__(self, ctx, queue: DeliveryQueue):
+        self.ctx = ctx
+        self.queue = queue
+        self.domain = ctx.domain
+
+    def is_own_msa(self, session) -> bool:
+        """Is the client our own provider's MSA? (The lab's "mynetworks".)"""
+        return session.peer == self.domain.address
+
+    def handle_RCPT(self, session, envelope, address, options):
+        rcpt_domain = domain_of(address)
+        if rcpt_domain == self.domain.name:
+            if self.ctx.config.user(address) is None:
+                return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: user unknown")
+            return None
+        if self.is_own_msa(session):
+            return None
+        return Reply(554, "5.7.1", f"<{address}>: Relay access denied")
+
+    def handle_DATA(self, session, envelope):
+        hops = sum(1 for name, _ in header_fields(envelope.content) if name.lower() == "received")
+        if hops >= MAX_HOPS:
+            return Reply(554, "5.4.6", f"Too many hops ({hops}): mail loop?")
+        queue_id = new_queue_id()
+        received = received_field(
+            helo=session.helo, peer_ip=session.peer, by=self.domain.host("mta"),
+            protocol="ESMTPS" if session.tls else "ESMTP", queue_id=queue_id,
+            recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None,
+            tls=session.notes.get("tls_version"),
+        )
+        message_id = get_header(envelope.content, "Message-ID")
+        d = self.queue.accept(envelope.mail_from, envelope.rcpt_tos, received + envelope.content,
+                              message_id=message_id, queue_id=queue_id)
+        d.addCallback(lambda qid: Reply(250, "2.0.0", f"Ok: queued as {qid}"))
+        return d
+
+
+class Transport:
+    """Deliver one queued message: group its recipients by domain, route each group."""
+
+    def __init__(self, ctx, router: Router):
+        self.ctx, self.router = ctx, router
+
+    @defer.inlineCallbacks
+    def __call__(self, item, content):
+        by_domain: dict[str, list[str]] = {}
+        for rcpt in item.pending:
+            by_domain.setdefault(domain_of(rcpt), []).append(rcpt)
+        attempts = []
+        for domain, rcpts in by_domain.items():
+            if domain == self.ctx.domain.name:
+                attempts.append(self._guard(self.router.to_own_mda(item, rcpts, content), rcpts))
+            else:
+                attempts.append(self._guard(self.router.by_mx(domain, item, rcpts, content), rcpts))
+        results = yield defer.gatherResults(attempts)
+        return [o for group in results for o in group]
+
+    @staticmethod
+    def _guard(d, rcpts):
+        """A route that fails as a whole fails each of its recipients, not the others'."""
+        return d.addErrback(lambda f: [Outcome.from_error(r, f.value) for r in rcpts])
+
+
+def build(ctx) -> None:
+    domain = ctx.domain
+    router = Router(ctx)
+    spool = Spool(ctx.home.spool(ctx.spec.name))
+    queue = DeliveryQueue(
+        spool, Transport(ctx, router),
+        reactor=ctx.reactor, tracer=ctx.tracer, retry_min=ctx.config.retry_min,
+        retry_max=ctx.config.retry_max, lifetime=ctx.config.queue_lifetime,
+        make_bounce=bounce_maker(domain.host("mta"), domain.name),
+    )
+    policy = ServerPolicy(
+        hostname=domain.host("mta"),
+        max_message_size=ctx.config.max_message_size,
+        max_recipients=ctx.config.max_recipients,
+        tls_context=ctx.server_tls(),
+        implicit_tls=False,
+        require_auth=False,
+    )
+    ctx.listen_tcp("smtp", SMTPServerFactory(policy, TransferPolicy(ctx, queue), tracer=ctx.tracer))
+    ctx.reactor.callWhenRunning(queue.recover)

@@ -1,0 +1,88 @@
+"""Finding and talking to the next hop, the same way for every agent.
+
+Three routes exist in the lab, each found through the lab DNS:
+
+* MSA -> its own domain's MTA: the host ``mx.<domain>``, SMTP port;
+* MTA -> another domain's MTA: that domain's MX records, best preference
+  first, each host's A record (RFC 5321 5.1), SMTP port, STARTTLS when offered
+  (verified against the lab CA: opportunistic but authenticated);
+* MTA -> its own domain's MDA: the host ``lmtp.<domain>``, LMTP (RFC 2033).
+
+Every route connects *from* the agent's own domain address, so the receiver
+sees the client address that the sender's SPF record names (RFC 7208).
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+
+from .queue import Outcome
+from .resolver import LookupFailed
+from .smtpclient import SMTPDeliveryError, send
+
+
+def outcomes(result) -> list[Outcome]:
+    """One :class:`Outcome` per recipient from an SMTP/LMTP client result."""
+    return [Outcome(r.address, r.code, r.status, r.text) for r in result.recipients]
+
+
+class Router:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.domain = ctx.domain
+        self.resolver = ctx.resolver()
+        self.helo = self.domain.host(ctx.spec.role)
+
+    def _send(self, address: str, port: int, host: str, item, recipients, content, *, lmtp=False):
+        return send(
+            self.ctx.reactor, address, port,
+            helo=self.helo, mail_from=item.mail_from, rcpt_tos=recipients, content=content,
+            tls="none" if lmtp else "opportunistic", tls_hostname=host,
+            ca_cert=self.ctx.home.ca_cert, lmtp=lmtp,
+            bind_address=self.domain.address, tracer=self.ctx.tracer,
+        )
+
+    @defer.inlineCallbacks
+    def _send_to_host(self, host: str, service: str, item, recipients, content, lmtp=False):
+        ips = yield self.resolver.lookup_a(host)
+        if not ips:
+            raise SMTPDeliveryError(451, "4.4.4", f"{host} has no address record", permanent=False)
+        result = yield self._send(ips[0], self.ctx.config.ports[service], host, item, recipients, content, lmtp=lmtp)
+        return outcomes(result)
+
+    def to_own_mta(self, item, recipients, content):
+        """MSA -> MTA of the same domain (RFC 6409 3.1: the MSA hands on, the MTA relays)."""
+        return self._send_to_host(self.domain.host("mta"), "smtp", item, recipients, content)
+
+    def to_own_mda(self, item, recipients, content):
+        """MTA -> MDA of the same domain over LMTP."""
+        return self._send_to_host(self.domain.host("lmtp"), "lmtp", item, recipients, content, lmtp=True)
+
+    @defer.inlineCallbacks
+    def by_mx(self, domain: str, item, recipients, content):
+        """Relay to ``domain``'s mail exchangers, trying each in preference order."""
+        try:
+            exchangers = yield self.resolver.mail_exchangers(domain)
+        except LookupFailed as e:
+            return [Outcome(r, 451, "4.4.3", f"DNS lookup for {domain} failed: {e.reason}") for r in recipients]
+        if not exchangers:
+            return [Outcome(r, 550, "5.1.2", f"{domain} does not accept mail (no MX, no A, or null MX)")
+                    for r in recipients]
+        last_error = None
+        for _pref, host, ips in exchangers:
+            for ip in ips:
+                if ip == self.domain.address:
+                    # RFC 5321 5.1: an MX pointing back at ourselves is a loop.
+                    return [Outcome(r, 554, "5.4.6", f"mail for {domain} loops back to myself")
+                            for r in recipients]
+                try:
+                    result = yield self._send(ip, self.ctx.config.ports["smtp"], host, item, recipients, content)
+                except SMTPDeliveryError as e:
+                    last_error = e
+                    if e.permanent:
+                        return [Outcome(r, e.code, e.status, e.text) for r in recipients]
+                    continue  # temporary: try the next MX host
+                return outcomes(result)
+        e = last_error
+        return [Outcome(r, e.code if e and e.code else 451, (e.status if e else None) or "4.4.1",
+                        e.text if e else "no mail exchanger reachable") for r in recipients]
