@@ -50,7 +50,11 @@ def _alive(pid: int) -> bool:
 
 
 class Lab:
-    """One lab: a home directory and the config it runs."""
+    """One lab: a home directory and the config it runs.
+
+    The config is, in this order: the ``config`` argument, ``$MAILPIPE_CONFIG``,
+    the config a lab already started in this home, or the packaged default.
+    """
 
     def __init__(self, home: str | os.PathLike | None = None, config: str | os.PathLike | LabConfig | None = None):
         self.home = LabHome.at(home)
@@ -58,6 +62,8 @@ class Lab:
             self.config = config
         elif config is not None:
             self.config = LabConfig.load(config)
+        elif os.environ.get("MAILPIPE_CONFIG"):
+            self.config = LabConfig.load(os.environ["MAILPIPE_CONFIG"])
         elif self.home.config_file.exists():
             self.config = LabConfig.load(self.home.config_file)
         else:

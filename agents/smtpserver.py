@@ -1,0 +1,946 @@
+# -*- test-case-name: tests.test_smtpserver -*-
+"""The hardened SMTP server that every mailpipe agent speaks (RFC 5321).
+
+The protocol class builds on :class:`twisted.mail.smtp.ESMTP` (its cred
+portal, AUTH challengers, STARTTLS context, idle timeout and EHLO keyword
+formatting) but replaces the parts that are known to be unsafe in Twisted
+26.10 (see ``docs`` and the regression tests in ``tests/test_smtpserver.py``):
+
+* **Framing.** ``LineOnlyReceiver`` keeps executing lines that were buffered
+  behind STARTTLS or behind a command whose answer is still pending. Here
+  :meth:`SMTPServer.dataReceived` keeps its own bounded buffer and takes one
+  line at a time, only while no reply is outstanding (RFC 2920 3.1).
+* **DATA** is read by :class:`MessageReader`, an explicit state machine that
+  never leaves the message before ``<CRLF>.<CRLF>`` (RFC 5321 4.1.1.4), even
+  when the message is already known to be bad. That closes the
+  "over-long line drops back to command mode" desync and SMTP smuggling.
+* **Policy and decisions** are not in the protocol. :class:`ServerPolicy` holds
+  the limits; an :class:`SMTPHandler` answers hooks (``handle_MAIL`` ...) with a
+  :class:`Reply`, ``None`` (the default answer), or a Deferred of either. The
+  protocol applies the verdict, so a handler cannot break the state machine.
+
+Every reply carries an RFC 3463 enhanced status code (RFC 2034), except the
+greeting and the answers to HELO/EHLO/LHLO, where RFC 2034 section 3 forbids it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from twisted.cred import error as cred_error
+from twisted.cred.credentials import CramMD5Credentials
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.mail.imap4 import PLAINCredentials
+from twisted.mail.interfaces import IMessageDelivery
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from agents.trace import NULL_TRACER, Tracer
+
+_log = Logger()
+
+
+# ---------------------------------------------------------------------------
+# Values exchanged with handlers
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply: basic code (RFC 5321 4.2), enhanced status (RFC 3463), text.
+
+    ``status`` is ``""`` only where RFC 2034 section 3 says not to send one
+    (greeting, EHLO answers) or for 3xx intermediate replies (354, 334).
+    A ``"\\n"`` in ``text`` makes a multi-line reply (RFC 5321 4.2.1).
+    """
+
+    code: int
+    status: str
+    text: str
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    def lines(self) -> list[bytes]:
+        """The reply as wire lines without CRLF; the status repeats on every line."""
+        texts = self.text.replace("\r", "").split("\n")
+        prefix = f"{self.status} " if self.status else ""
+        last = len(texts) - 1
+        return [
+            f"{self.code}{' ' if i == last else '-'}{prefix}{t}".encode("ascii", "replace")
+            for i, t in enumerate(texts)
+        ]
+
+
+@dataclass
+class Session:
+    """What the server knows about one connection (lives until it closes)."""
+
+    conn_id: str
+    peer: str
+    helo: str | None = None  # argument of HELO/EHLO/LHLO, None before it
+    esmtp: bool = False  # True after EHLO or LHLO
+    tls: bool = False  # STARTTLS done or implicit TLS
+    user: str | None = None  # authenticated identity (cred avatar id)
+    notes: dict = field(default_factory=dict)  # free for handlers
+
+
+@dataclass
+class Envelope:
+    """One mail transaction (RFC 5321 3.3): reset by RSET, EHLO, STARTTLS and after DATA."""
+
+    mail_from: str | None = None  # None before MAIL; "" for the null sender <>
+    mail_options: dict[str, str | None] = field(default_factory=dict)
+    rcpt_tos: list[str] = field(default_factory=list)  # accepted recipients only
+    rcpt_options: list[dict[str, str | None]] = field(default_factory=list)
+    content: bytes = b""  # CRLF line endings, dot-unstuffed, no final ".\r\n"
+
+
+class SMTPHandler:
+    """Decides what the server accepts. Subclass it; every default accepts.
+
+    A hook returns a :class:`Reply`, ``None`` for the protocol's default
+    success reply, or a Deferred firing with either. A 2xx reply accepts; any
+    other code rejects. If a hook raises (or its Deferred fails) the client
+    gets ``451 4.3.0`` and the session goes on.
+    """
+
+    def handle_CONNECT(self, session: Session) -> Reply | None:
+        """A 4xx/5xx refuses the session (RFC 5321 3.1); ``None`` greets it."""
+        return None
+
+    def handle_EHLO(self, session: Session, hostname: str) -> Reply | None:
+        """Called for HELO, EHLO and LHLO; ``session.esmtp`` tells which."""
+        return None
+
+    def handle_MAIL(self, session: Session, envelope: Envelope, address: str, options: dict):
+        return None
+
+    def handle_RCPT(self, session: Session, envelope: Envelope, address: str, options: dict):
+        return None
+
+    def handle_DATA(self, session: Session, envelope: Envelope):
+        """Take responsibility for ``envelope.content``.
+
+        The protocol says 250 only when this returns a 2xx :class:`Reply`, so
+        a real handler answers after its copy is on stable storage (RFC 5321
+        4.1.1.4, 6.1). LMTP handlers return a list, one reply per recipient.
+        """
+        return Reply(250, "2.0.0", "OK: message accepted")
+
+
+# ---------------------------------------------------------------------------
+# Policy
+
+
+@dataclass
+class ServerPolicy:
+    """Every limit and switch of one listener, in one place."""
+
+    # RFC 5321 4.1.1.1, 4.3.1: the name in the greeting and the EHLO reply.
+    hostname: str = "localhost"
+    # RFC 1870: advertised as SIZE, checked on MAIL SIZE= and while reading.
+    max_message_size: int = 10 * 1024 * 1024
+    # RFC 5321 4.5.3.1.8: at least 100 must be accepted; more get 452 4.5.3.
+    max_recipients: int = 100
+    # RFC 3207: STARTTLS is offered when set and the transport can start TLS.
+    tls_context: Any = None
+    # RFC 8314 3.3: the listener is wrapped in TLS from the first byte (465).
+    implicit_tls: bool = False
+    # RFC 6409 4.3, RFC 4954 6: MAIL before AUTH gets 530 5.7.0.
+    require_auth: bool = False
+    # RFC 4954, RFC 4616: SASL mechanisms, offered only under TLS (RFC 4954 4).
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    # RFC 5321 4.5.3.2.7: a server waits at least 5 minutes for a command.
+    timeout: float = 300.0
+    # RFC 5321 4.5.3.1.4: a command line is at most 512 octets with CRLF.
+    max_command_line: int = 512
+    # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with CRLF.
+    max_text_line: int = 1000
+    # RFC 4954 4: AUTH lines may be up to 12288 octets.
+    max_auth_line: int = 12288
+    # Not in any RFC: a line with no LF after this many octets is an attack
+    # or a broken peer; the server says 421 4.7.0 and hangs up.
+    max_line_buffer: int = 64 * 1024
+    # RFC 2920 3.1 lets a client send commands without waiting; while a reply
+    # is pending the server stops reading once this much input is queued.
+    pipeline_high_water: int = 256 * 1024
+
+
+#: SASL mechanism name -> zero-argument factory of a Twisted IChallengeResponse.
+_MECHANISMS: dict[str, Callable[[SMTPServer], Any]] = {
+    "PLAIN": lambda server: PLAINCredentials(),
+    "LOGIN": lambda server: smtp.LOGINCredentials(),
+    "CRAM-MD5": lambda server: CramMD5Credentials(server.host),
+}
+
+LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
+
+
+# ---------------------------------------------------------------------------
+# Command argument syntax (RFC 5321 4.1.2, 4.1.1.2-3)
+
+
+class SyntaxProblem(ValueError):
+    """An argument that does not follow RFC 5321 4.1.2; the text goes to the client."""
+
+
+_ATOM = rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_QUOTED = rb'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_LABEL = rb"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_MAILBOX = re.compile(
+    rb"(?:%s(?:\.%s)*|%s)@(?:%s(?:\.%s)*|\[[\x21-\x5a\x5e-\x7e]+\])\Z"
+    % (_ATOM, _ATOM, _QUOTED, _LABEL, _LABEL)
+)
+_PATH_ARG = rb'[ \t]*<(?P<path>(?:"(?:[^"\\]|\\.)*"|[^<>"])*)>(?:[ \t]+(?P<params>.*))?\Z'
+_MAIL_ARG = re.compile(rb"FROM:" + _PATH_ARG, re.I)
+_RCPT_ARG = re.compile(rb"TO:" + _PATH_ARG, re.I)
+_PARAM = re.compile(rb"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
+
+
+def parse_path(path: bytes, *, null_ok: bool) -> str:
+    """Check a reverse- or forward-path (without its angle brackets)."""
+    if path == b"":
+        if null_ok:
+            return ""
+        raise SyntaxProblem("Empty address not allowed here")
+    if path.startswith(b"@"):
+        # RFC 5321 4.1.1.3 lets servers ignore source routes; mailpipe refuses
+        # them so a learner never sees a relay path it will not honour.
+        raise SyntaxProblem("Source routes are not accepted")
+    if not null_ok and path.lower() == b"postmaster":
+        return "postmaster"  # RFC 5321 4.5.1: <Postmaster> with no domain
+    if len(path) > 254 or not _MAILBOX.match(path):  # 4.5.3.1.3: 256 with <>
+        raise SyntaxProblem("Bad address syntax")
+    local, _, domain = path.rpartition(b"@")
+    if len(local) > 64 or len(domain) > 255:  # RFC 5321 4.5.3.1.1-2
+        raise SyntaxProblem("Address too long")
+    return path.decode("ascii")
+
+
+def parse_params(text: bytes | None) -> dict[str, str | None]:
+    """``KEY[=VALUE] ...`` (RFC 5321 4.1.2 esmtp-param) as an upper-case-keyed dict."""
+    params: dict[str, str | None] = {}
+    for token in (text or b"").split():
+        m = _PARAM.match(token)
+        if not m:
+            raise SyntaxProblem("Bad parameter syntax")
+        key = m.group(1).decode("ascii").upper()
+        if key in params:
+            raise SyntaxProblem(f"Duplicate parameter {key}")
+        params[key] = m.group(2).decode("ascii") if m.group(2) is not None else None
+    return params
+
+
+# ---------------------------------------------------------------------------
+# The DATA reader
+
+
+class DataState(enum.Enum):
+    """Where a message stands while it is read; anything but NOMINAL rejects it."""
+
+    NOMINAL = "nominal"
+    TOO_LONG = "too_long"  # a text line over RFC 5321 4.5.3.1.6
+    TOO_MUCH = "too_much"  # over the SIZE limit (RFC 1870)
+    BAD_NEWLINE = "bad_newline"  # bare CR or LF (RFC 5321 2.3.8)
+
+
+class MessageReader:
+    """Reads one message after 354, line by line, up to ``<CRLF>.<CRLF>``.
+
+    Only a line that is exactly ``.\\r\\n`` and follows a CRLF ends the data
+    (RFC 5321 4.1.1.4), so ``\\n.\\n``, ``\\n.\\r\\n``, ``\\r\\n.\\n`` and
+    ``\\r.\\r\\n`` stay inside the message (the SMTP smuggling variants). A
+    fault does not end the message early: the reader discards the rest and
+    keeps reading to the real end, so the client and server stay in step and
+    the answer comes once, after the dot (RFC 5321 4.2.5). The first fault
+    decides the reply.
+    """
+
+    def __init__(self, max_size: int, max_line: int):
+        self.max_size, self.max_line = max_size, max_line
+        self.state = DataState.NOMINAL
+        self.size = 0  # octets of the unstuffed message seen so far
+        self._parts: list[bytes] = []
+        # The CRLF that ended the DATA command counts as the first CRLF of
+        # <CRLF>.<CRLF>: "DATA\r\n.\r\n" is an empty message.
+        self._after_crlf = True
+
+    def feed(self, line: bytes) -> bool:
+        """Take one line ending in LF; return True when it was the final dot."""
+        crlf = line.endswith(b"\r\n")
+        if crlf and self._after_crlf and line == b".\r\n":
+            return True
+        self._after_crlf = crlf
+        text = line[:-2] if crlf else line[:-1]
+        if text.startswith(b"."):
+            text = text[1:]  # dot-unstuffing, RFC 5321 4.5.2
+        self.size += len(text) + 2
+        if self.state is DataState.NOMINAL:
+            if not crlf or b"\r" in text:
+                self._fail(DataState.BAD_NEWLINE)
+            elif len(text) + 2 > self.max_line:  # the stuffed dot does not count
+                self._fail(DataState.TOO_LONG)
+            elif self.size > self.max_size:
+                self._fail(DataState.TOO_MUCH)
+            else:
+                self._parts.append(text + b"\r\n")
+        return False
+
+    def _fail(self, state: DataState) -> None:
+        self.state = state
+        self._parts = []  # keep nothing we are going to refuse
+
+    def content(self) -> bytes:
+        return b"".join(self._parts)
+
+    def rejection(self) -> Reply | None:
+        """The reply for a faulty message, or None if it was fine."""
+        return _DATA_REJECTIONS.get(self.state)
+
+
+_DATA_REJECTIONS = {
+    # RFC 5321 4.2.2 uses 500 for "line too long"; X.5.2 is RFC 3463's syntax
+    # error (X.5.6 is taken by RFC 4954 for over-long AUTH lines).
+    DataState.TOO_LONG: Reply(500, "5.5.2", "Line too long in message data (max 1000 octets)"),
+    DataState.TOO_MUCH: Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"),
+    DataState.BAD_NEWLINE: Reply(554, "5.6.0", "Bare CR or LF not allowed in message data"),
+}
+
+
+# ---------------------------------------------------------------------------
+# The protocol
+
+
+class _Mode(enum.Enum):
+    COMMAND = "command"
+    AUTH = "auth"  # inside a SASL exchange (RFC 4954 4)
+    DATA = "data"
+
+
+@implementer(IHandshakeListener)
+class SMTPServer(smtp.ESMTP):
+    """One SMTP connection: framing, command sequence and replies.
+
+    Built with ``(policy, handler, portal, tracer)`` by :class:`SMTPServerFactory`.
+    """
+
+    #: The verbs this server knows; anything else gets 500 5.5.1.
+    COMMANDS = frozenset(
+        {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT",
+         "VRFY", "EXPN", "HELP", "STARTTLS", "AUTH"}
+    )  # fmt: skip
+    PROTOCOL_NAME = "ESMTP"
+
+    def __init__(self, policy: ServerPolicy, handler: SMTPHandler, portal=None,
+                 tracer: Tracer = NULL_TRACER):  # fmt: skip
+        challengers = {
+            name.encode(): (lambda make=_MECHANISMS[name]: make(self))
+            for name in policy.auth_mechanisms
+        }
+        super().__init__(chal=challengers, contextFactory=policy.tls_context)
+        self.policy, self.handler, self.portal, self.tracer = policy, handler, portal, tracer
+        self.host = policy.hostname
+        self.timeout = policy.timeout
+        self.session = Session(conn_id="-", peer="-")
+        self.envelope = Envelope()
+        self._buffer = bytearray()
+        self._mode = _Mode.COMMAND
+        self._reader: MessageReader | None = None
+        self._waiting = False  # a reply is pending: read no further lines
+        self._closing = False
+        self._paused = False  # we paused the transport (flow control)
+        self._refused = False  # handle_CONNECT refused: only QUIT (RFC 5321 3.1)
+        self._rcpt_tried = False  # any RCPT in this transaction, even refused
+        self._mechanism = ""
+
+    # -- connection life ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        tls = self.policy.implicit_tls or ISSLTransport.providedBy(self.transport)
+        self.canStartTLS = (
+            not tls and self.ctx is not None and ITLSTransport.providedBy(self.transport)
+        )
+        self.session = Session(
+            conn_id=self.tracer.new_connection_id(),
+            peer=getattr(peer, "host", str(peer)),
+            tls=bool(tls),
+        )
+        self._event("connection.accepted", tls=self.session.tls)
+        self.setTimeout(self.policy.timeout)
+        self._when_ready(self._call_hook("handle_CONNECT", self.session), self._greet)
+
+    def greeting(self) -> bytes:
+        return self.host + b" " + self.PROTOCOL_NAME.encode() + b" mailpipe"
+
+    def _greet(self, outcome) -> None:
+        verdict = self._verdict(outcome, "handle_CONNECT", default=None)
+        if verdict is None or verdict.ok:
+            self._send(Reply(220, "", self.greeting().decode("ascii", "replace")))
+        elif verdict.code == 421:
+            self._close_with(verdict)
+        else:
+            self._refused = True
+            self._send(verdict)
+
+    def timeoutConnection(self) -> None:
+        """Idle too long (RFC 5321 4.5.3.2.7): say so, then close."""
+        self._close_with(Reply(421, "4.4.2", f"{self.policy.hostname} Error: timeout exceeded"))
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self._closing = True
+        self._reader = None
+        self._event("connection.closed")
+        smtp.ESMTP.connectionLost(self, reason)  # cred logout, cancel the timer
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake finished (STARTTLS or implicit)."""
+        self.session.tls = True
+        details = {}
+        try:
+            handle = self.transport.getHandle()
+            details = {"version": handle.get_protocol_version_name(),
+                       "cipher": handle.get_cipher_name()}  # fmt: skip
+        except Exception:  # not every transport exposes the OpenSSL object
+            pass
+        self._event("tls.done", **details)
+
+    # -- framing -----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """Buffer input; take lines one at a time while no reply is pending."""
+        if self._closing:
+            return
+        self.resetTimeout()
+        self._buffer += data
+        self._drain()
+
+    def _drain(self) -> None:
+        while not self._waiting and not self._closing:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            if self._mode is _Mode.DATA:
+                self._data_line(line)
+            elif self._mode is _Mode.AUTH:
+                self._auth_line(line)
+            else:
+                self._command_line(line)
+        self._flow_control()
+
+    def _flow_control(self) -> None:
+        """Bound memory: close on an endless line, pause a client that floods."""
+        if self._closing:
+            return
+        partial = len(self._buffer) - (self._buffer.rfind(b"\n") + 1)
+        if partial > self.policy.max_line_buffer:
+            self._buffer.clear()
+            self._close_with(Reply(421, "4.7.0", "Line too long, closing connection"))
+        elif self._waiting and len(self._buffer) > self.policy.pipeline_high_water:
+            if not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+        elif self._paused and not self._waiting:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    # -- replies and hooks -------------------------------------------------
+
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        """Twisted's reply writer, kept for compatibility: routed through :meth:`_send`."""
+        self._send(Reply(code, "", message.decode("ascii", "replace")))
+
+    def _send(self, reply: Reply, verb: str = "") -> None:
+        for line in reply.lines():
+            self.tracer.line(self.session.conn_id, "S", line, peer=self.session.peer)
+            self.transport.write(line + b"\r\n")
+        if reply.code >= 400:
+            self._event("smtp.reject", code=reply.code, status=reply.status, command=verb or None)
+
+    def _close_with(self, reply: Reply) -> None:
+        self._send(reply)
+        self._closing = True
+        self.transport.loseConnection()
+
+    def _event(self, name: str, **fields: Any) -> None:
+        self.tracer.event(name, conn=self.session.conn_id, peer=self.session.peer, **fields)
+
+    def _call_hook(self, name: str, *args: Any) -> defer.Deferred:
+        hook = getattr(self.handler, name, None)
+        if hook is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(hook, *args)
+
+    def _verdict(self, outcome: Any, hook: str, default: Reply | None) -> Reply | None:
+        """Turn what a hook gave into a reply; anything odd becomes 451 4.3.0."""
+        if isinstance(outcome, Failure):
+            _log.failure("{hook} failed", outcome, hook=hook)
+            return LOCAL_ERROR
+        if outcome is None:
+            return default
+        if isinstance(outcome, Reply) and outcome.code // 100 in (2, 4, 5):
+            return outcome
+        _log.error("{hook} returned {verdict!r}, not a Reply", hook=hook, verdict=outcome)
+        return LOCAL_ERROR
+
+    def _when_ready(self, d: defer.Deferred, apply: Callable[[Any], None]) -> None:
+        """Apply a hook's outcome; while it is pending, read no further input.
+
+        This is what keeps pipelined replies in command order (RFC 2920 3.1;
+        Twisted issue #8126). The idle timer is off while *we* are the slow
+        side and comes back when the reply has gone out.
+        """
+        fired_now = True
+        done = False
+
+        def ready(outcome):
+            nonlocal done
+            done = True
+            if self._closing:
+                return None
+            try:
+                apply(outcome)
+            except Exception:
+                _log.failure("applying a verdict failed")
+                self._send(LOCAL_ERROR)
+            if not fired_now:
+                self._waiting = False
+                self.setTimeout(self.policy.timeout)
+                self._drain()
+            return None
+
+        d.addBoth(ready)
+        fired_now = False
+        if not done:
+            self._waiting = True
+            self.setTimeout(None)
+
+    # -- commands ----------------------------------------------------------
+
+    def lookupMethod(self, command: bytes):
+        """Only the verbs in :attr:`COMMANDS`; never an inherited Twisted one."""
+        verb = command.decode("ascii", "replace").upper()
+        if verb not in self.COMMANDS:
+            return None
+        return super().lookupMethod(verb)
+
+    def _command_line(self, line: bytes) -> None:
+        crlf = line.endswith(b"\r\n")
+        text = line[:-2] if crlf else line[:-1]
+        self._trace_in(text[: self.policy.max_command_line])
+        is_auth = text[:5].upper() == b"AUTH "
+        limit = self.policy.max_auth_line if is_auth else self.policy.max_command_line
+        if len(line) > limit:
+            if is_auth:  # RFC 4954 4
+                self._send(Reply(500, "5.5.6", "Authentication Exchange line is too long"))
+            else:  # RFC 5321 4.5.3.1.4
+                self._send(Reply(500, "5.5.2", "Line too long"))
+            return
+        if not crlf or b"\r" in text:  # RFC 5321 2.3.8
+            self._send(Reply(500, "5.5.2", "Bare CR or LF not allowed, use CRLF"))
+            return
+        parts = text.strip().split(None, 1)
+        if not parts:
+            self._send(Reply(500, "5.5.2", "Syntax error"))
+            return
+        verb = parts[0].decode("ascii", "replace").upper()
+        arg = parts[1] if len(parts) > 1 else b""
+        if self._refused and verb != "QUIT":  # RFC 5321 3.1
+            self._send(Reply(503, "5.5.1", "Service refused, only QUIT is allowed"), verb)
+            return
+        method = self.lookupMethod(parts[0])
+        if method is None:
+            self._send(self._unknown_command(verb), verb)
+            return
+        method(arg)
+
+    def _unknown_command(self, verb: str) -> Reply:
+        return Reply(500, "5.5.1", "Command unrecognized")
+
+    def _trace_in(self, text: bytes) -> None:
+        self.tracer.line(self.session.conn_id, "C", text, peer=self.session.peer)
+
+    def _reset_transaction(self) -> None:
+        self.envelope = Envelope()
+        self._rcpt_tried = False
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        """EHLO keywords (RFC 5321 4.1.1.1), formatted by ESMTP.listExtensions."""
+        ext: dict[bytes, list[bytes] | None] = {
+            b"PIPELINING": None,  # RFC 2920
+            b"SIZE": [str(self.policy.max_message_size).encode()],  # RFC 1870
+            b"8BITMIME": None,  # RFC 6152
+            b"ENHANCEDSTATUSCODES": None,  # RFC 2034
+        }
+        if self.canStartTLS and not self.session.tls:
+            ext[b"STARTTLS"] = None  # RFC 3207
+        if self._auth_offered() and self.session.tls:
+            ext[b"AUTH"] = list(self.challengers)  # RFC 4954, only under TLS
+        return ext
+
+    def _auth_offered(self) -> bool:
+        return self.portal is not None and bool(self.challengers)
+
+    def do_HELO(self, arg: bytes) -> None:
+        self._hello(arg, esmtp=False, verb="HELO")
+
+    def do_EHLO(self, arg: bytes) -> None:
+        self._hello(arg, esmtp=True, verb="EHLO")
+
+    def _hello(self, arg: bytes, esmtp: bool, verb: str) -> None:
+        """HELO/EHLO/LHLO (RFC 5321 4.1.1.1). No enhanced codes here (RFC 2034 3)."""
+        name = arg.strip()
+        if not name or len(name.split()) != 1 or not name.isascii():
+            self._send(Reply(501, "", f"Syntax: {verb} hostname"), verb)
+            return
+        hostname = name.decode("ascii")
+        previous = (self.session.helo, self.session.esmtp)
+        self.session.helo, self.session.esmtp = hostname, esmtp
+
+        def apply(outcome):
+            verdict = self._verdict(outcome, "handle_EHLO", default=None)
+            if verdict is not None and not verdict.ok:
+                self.session.helo, self.session.esmtp = previous
+                self._send(verdict, verb)
+                return
+            self._reset_transaction()  # RFC 5321 4.1.4: like RSET
+            self._event("smtp.ehlo", helo=hostname, esmtp=esmtp)
+            text = f"{self.policy.hostname} greets {hostname}"
+            if esmtp:
+                text += "\n" + self.listExtensions().decode("ascii")
+            self._send(Reply(250, "", text))
+
+        self._when_ready(self._call_hook("handle_EHLO", self.session, hostname), apply)
+
+    def do_MAIL(self, arg: bytes) -> None:
+        if not self.session.helo:
+            return self._send(Reply(503, "5.5.1", "Send HELO/EHLO first"), "MAIL")
+        if self.envelope.mail_from is not None:
+            return self._send(Reply(503, "5.5.1", "Nested MAIL command"), "MAIL")
+        if self.policy.require_auth and not self.session.user:
+            return self._send(Reply(530, "5.7.0", "Authentication required"), "MAIL")
+        m = _MAIL_ARG.match(arg)
+        try:
+            if not m:
+                raise SyntaxProblem("Syntax: MAIL FROM:<address> [parameters]")
+            address = parse_path(m.group("path"), null_ok=True)
+        except SyntaxProblem as e:
+            return self._send(Reply(501, "5.1.7", str(e)), "MAIL")
+        try:
+            options = parse_params(m.group("params"))
+        except SyntaxProblem as e:
+            return self._send(Reply(501, "5.5.4", str(e)), "MAIL")
+        problem = self._check_mail_options(options)
+        if problem:
+            return self._send(problem, "MAIL")
+        self._event("smtp.mail", mail_from=address, size=options.get("SIZE"))
+
+        def apply(outcome):
+            verdict = self._verdict(outcome, "handle_MAIL", Reply(250, "2.1.0", "Sender OK"))
+            if verdict.ok:
+                self.envelope.mail_from, self.envelope.mail_options = address, options
+            self._send(verdict, "MAIL")
+
+        hook = self._call_hook("handle_MAIL", self.session, self.envelope, address, options)
+        self._when_ready(hook, apply)
+
+    def _check_mail_options(self, options: dict[str, str | None]) -> Reply | None:
+        """SIZE (RFC 1870 6) and BODY (RFC 6152 2); nothing else is known (555)."""
+        for key, value in options.items():
+            if not self.session.esmtp:  # parameters need EHLO (RFC 5321 4.1.1.11)
+                return Reply(555, "5.5.4", "MAIL parameters need EHLO")
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return Reply(501, "5.5.4", "Syntax: SIZE=<octets>")
+                if int(value) > self.policy.max_message_size:
+                    return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return Reply(501, "5.5.4", "Syntax: BODY=7BIT|8BITMIME")
+            else:
+                return Reply(555, "5.5.4", f"MAIL parameter {key} not recognized")
+        return None
+
+    def do_RCPT(self, arg: bytes) -> None:
+        if self.envelope.mail_from is None:
+            return self._send(Reply(503, "5.5.1", "Need MAIL before RCPT"), "RCPT")
+        m = _RCPT_ARG.match(arg)
+        try:
+            if not m:
+                raise SyntaxProblem("Syntax: RCPT TO:<address> [parameters]")
+            address = parse_path(m.group("path"), null_ok=False)
+        except SyntaxProblem as e:
+            return self._send(Reply(501, "5.1.3", str(e)), "RCPT")
+        try:
+            options = parse_params(m.group("params"))
+        except SyntaxProblem as e:
+            return self._send(Reply(501, "5.5.4", str(e)), "RCPT")
+        if options:  # no RCPT extension (DSN etc.) is offered
+            return self._send(Reply(555, "5.5.4", "RCPT parameters not recognized"), "RCPT")
+        self._rcpt_tried = True
+        if len(self.envelope.rcpt_tos) >= self.policy.max_recipients:
+            # RFC 5321 4.5.3.1.10: 452, the client sends the rest later.
+            return self._send(Reply(452, "4.5.3", "Too many recipients"), "RCPT")
+        self._event("smtp.rcpt", rcpt_to=address)
+
+        def apply(outcome):
+            verdict = self._verdict(outcome, "handle_RCPT", Reply(250, "2.1.5", "Recipient OK"))
+            if verdict.ok:
+                self.envelope.rcpt_tos.append(address)
+                self.envelope.rcpt_options.append(options)
+            self._send(verdict, "RCPT")
+
+        hook = self._call_hook("handle_RCPT", self.session, self.envelope, address, options)
+        self._when_ready(hook, apply)
+
+    def do_DATA(self, arg: bytes) -> None:
+        if arg:
+            return self._send(Reply(501, "5.5.4", "Syntax: DATA"), "DATA")
+        if self.envelope.mail_from is None:
+            return self._send(Reply(503, "5.5.1", "Need MAIL command"), "DATA")
+        if not self.envelope.rcpt_tos:
+            if self._rcpt_tried:  # RFC 5321 3.3: 554 "no valid recipients"
+                return self._send(Reply(554, "5.5.1", "No valid recipients"), "DATA")
+            return self._send(Reply(503, "5.5.1", "Need RCPT command"), "DATA")
+        self._mode = _Mode.DATA
+        self._reader = MessageReader(self.policy.max_message_size, self.policy.max_text_line)
+        self._event("smtp.data.start")
+        self._send(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
+
+    def _data_line(self, line: bytes) -> None:
+        reader = self._reader
+        if not reader.feed(line):
+            return
+        self._mode, self._reader = _Mode.COMMAND, None
+        self._event("smtp.data.end", bytes=reader.size, state=reader.state.value)
+        envelope = self.envelope
+        rejection = reader.rejection()
+        if rejection is not None:
+            self._send_data_replies([rejection] * self._data_reply_count(envelope))
+            self._reset_transaction()
+            return
+        envelope.content = reader.content()
+
+        def apply(outcome):
+            self._send_data_replies(self._data_replies(outcome, envelope))
+            self._reset_transaction()
+
+        self._when_ready(self._call_hook("handle_DATA", self.session, envelope), apply)
+
+    def _data_reply_count(self, envelope: Envelope) -> int:
+        """SMTP answers a message once; LMTP once per recipient."""
+        return 1
+
+    def _data_replies(self, outcome: Any, envelope: Envelope) -> list[Reply]:
+        # No default: 250 only when the handler says it has the message.
+        return [self._verdict(outcome, "handle_DATA", default=LOCAL_ERROR)]
+
+    def _send_data_replies(self, replies: list[Reply]) -> None:
+        for reply in replies:
+            self._send(reply, "DATA")
+
+    def do_RSET(self, arg: bytes) -> None:
+        if arg:
+            return self._send(Reply(501, "5.5.4", "Syntax: RSET"), "RSET")
+        self._reset_transaction()
+        self._send(Reply(250, "2.0.0", "OK"))
+
+    def do_NOOP(self, arg: bytes) -> None:
+        self._send(Reply(250, "2.0.0", "OK"))  # RFC 5321 4.1.1.9: argument ignored
+
+    def do_VRFY(self, arg: bytes) -> None:
+        if not arg:
+            return self._send(Reply(501, "5.5.4", "Syntax: VRFY address"), "VRFY")
+        # RFC 5321 3.5.3: 252 when the server will not say who exists.
+        self._send(Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery"))
+
+    def do_EXPN(self, arg: bytes) -> None:
+        self._send(Reply(502, "5.5.1", "EXPN not implemented"), "EXPN")  # RFC 5321 3.5.2
+
+    def do_HELP(self, arg: bytes) -> None:
+        commands = " ".join(sorted(self.COMMANDS))
+        self._send(Reply(214, "2.0.0", f"Commands: {commands}. See RFC 5321."))
+
+    def do_QUIT(self, arg: bytes) -> None:
+        self._close_with(Reply(221, "2.0.0", f"{self.policy.hostname} closing connection"))
+
+    # -- STARTTLS (RFC 3207) -------------------------------------------------
+
+    def ext_STARTTLS(self, arg: bytes) -> None:
+        if arg:
+            return self._send(Reply(501, "5.5.4", "Syntax: STARTTLS"), "STARTTLS")
+        if self.session.tls:
+            return self._send(Reply(503, "5.5.1", "TLS already active"), "STARTTLS")
+        if not self.canStartTLS:
+            return self._send(Reply(502, "5.5.1", "STARTTLS not available"), "STARTTLS")
+        if self.envelope.mail_from is not None:
+            return self._send(Reply(503, "5.5.1", "Mail transaction in progress"), "STARTTLS")
+        # Anything the client sent after STARTTLS arrived in plaintext and
+        # must never run inside the TLS session (CVE-2011-0411).
+        discarded = len(self._buffer)
+        self._buffer.clear()
+        self._send(Reply(220, "2.0.0", "Ready to start TLS"))
+        # RFC 3207 4.2: forget everything learnt from the client so far.
+        self._logout()
+        self.session.helo, self.session.esmtp = None, False
+        self._reset_transaction()
+        self.transport.startTLS(self.ctx)
+        self.startedTLS = True
+        self.session.tls = True
+        self._event("tls.start", discarded=discarded)
+
+    # -- AUTH (RFC 4954) ----------------------------------------------------
+
+    def ext_AUTH(self, arg: bytes) -> None:
+        if not self._auth_offered() or self.session.user:
+            text = "Already authenticated" if self.session.user else "AUTH not available"
+            return self._send(Reply(503, "5.5.1", text), "AUTH")
+        if not self.session.tls:  # RFC 4954 4, RFC 8314
+            return self._send(Reply(538, "5.7.11", "Must issue a STARTTLS command first"), "AUTH")
+        if not self.session.esmtp:
+            return self._send(Reply(503, "5.5.1", "Send EHLO first"), "AUTH")
+        if self.envelope.mail_from is not None:
+            return self._send(Reply(503, "5.5.1", "AUTH not allowed during a mail transaction"), "AUTH")
+        parts = arg.split()
+        if not parts or len(parts) > 2:
+            return self._send(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"), "AUTH")
+        make = self.challengers.get(parts[0].upper())
+        if make is None:
+            return self._send(Reply(504, "5.5.4", "Unrecognized authentication type"), "AUTH")
+        self._mechanism = parts[0].upper().decode("ascii")
+        self.challenger = make()
+        if len(parts) == 1:
+            self._mode = _Mode.AUTH
+            self._challenge()
+            return
+        self.challenger.getChallenge()  # the initial response answers it
+        self._auth_response(b"" if parts[1] == b"=" else parts[1])  # "=": empty
+
+    def _challenge(self) -> None:
+        self._send(Reply(334, "", base64.b64encode(self.challenger.getChallenge()).decode()))
+
+    def _auth_line(self, line: bytes) -> None:
+        self._trace_in(b"***")  # SASL responses carry secrets
+        crlf = line.endswith(b"\r\n")
+        text = line[:-2] if crlf else line[:-1]
+        if len(line) > self.policy.max_auth_line:
+            return self._auth_abort(Reply(500, "5.5.6", "Authentication Exchange line is too long"))
+        if not crlf or b"\r" in text:
+            return self._auth_abort(Reply(501, "5.5.2", "Bare CR or LF not allowed"))
+        if text.strip() == b"*":
+            return self._auth_abort(Reply(501, "5.0.0", "Authentication cancelled"))
+        self._auth_response(text.strip())
+
+    def _auth_abort(self, reply: Reply) -> None:
+        self._mode, self.challenger = _Mode.COMMAND, None
+        self._event("auth.result", mechanism=self._mechanism, ok=False, code=reply.code)
+        self._send(reply, "AUTH")
+
+    def _auth_response(self, encoded: bytes) -> None:
+        try:
+            response = base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            return self._auth_abort(Reply(501, "5.5.2", "Cannot decode response"))
+        try:
+            self.challenger.setResponse(response)
+        except Exception:  # IllegalClientResponse and friends
+            return self._auth_abort(Reply(501, "5.5.2", "Malformed authentication response"))
+        if self.challenger.moreChallenges():
+            self._mode = _Mode.AUTH
+            self._challenge()
+            return
+        self._mode = _Mode.COMMAND
+        credentials, self.challenger = self.challenger, None
+        d = self.portal.login(credentials, None, IMessageDelivery)
+        self._when_ready(d, lambda outcome: self._auth_done(outcome, credentials))
+
+    def _auth_done(self, outcome: Any, credentials: Any) -> None:
+        if isinstance(outcome, Failure):
+            if outcome.check(cred_error.UnauthorizedLogin):
+                reply = Reply(535, "5.7.8", "Authentication credentials invalid")
+            else:
+                _log.failure("AUTH backend failed", outcome)
+                reply = Reply(454, "4.7.0", "Temporary authentication failure")
+            self._event("auth.result", mechanism=self._mechanism, ok=False, code=reply.code)
+            return self._send(reply, "AUTH")
+        _iface, avatar, logout = outcome
+        user = getattr(avatar, "user", None) or credentials.username
+        if isinstance(user, bytes):
+            user = user.decode("utf-8", "replace")
+        self.session.user, self.authenticated, self._onLogout = user, True, logout
+        self._event("auth.result", mechanism=self._mechanism, ok=True, user=user)
+        self._send(Reply(235, "2.7.0", "Authentication successful"))
+
+    def _logout(self) -> None:
+        if self._onLogout:
+            self._onLogout()
+            self._onLogout = None
+        self.session.user, self.authenticated = None, False
+
+
+class SMTPServerFactory(protocol.ServerFactory):
+    """Builds one :class:`SMTPServer` per connection, all sharing policy and handler."""
+
+    protocol = SMTPServer
+
+    def __init__(self, policy: ServerPolicy, handler: SMTPHandler, portal=None,
+                 tracer: Tracer = NULL_TRACER):  # fmt: skip
+        self.policy, self.handler, self.portal, self.tracer = policy, handler, portal, tracer
+
+    def buildProtocol(self, addr):
+        p = self.protocol(self.policy, self.handler, self.portal, self.tracer)
+        p.factory = self
+        return p
+
+
+# ---------------------------------------------------------------------------
+# Authentication
+
+
+@implementer(IMessageDelivery)
+@dataclass
+class AuthenticatedSender:
+    """The cred avatar of an SMTP AUTH login: who is submitting.
+
+    mailpipe decides senders and recipients in :class:`SMTPHandler` hooks, so
+    the IMessageDelivery methods only keep Twisted's contract: no extra
+    Received header, any sender, and no recipient through this object.
+    """
+
+    user: str
+
+    def receivedHeader(self, helo, origin, recipients):
+        return None
+
+    def validateFrom(self, helo, origin):
+        return origin
+
+    def validateTo(self, user):
+        raise smtp.SMTPBadRcpt(user)
+
+
+@implementer(IRealm)
+class _SenderRealm:
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if IMessageDelivery not in interfaces:
+            raise NotImplementedError("only IMessageDelivery avatars")
+        if isinstance(avatarId, bytes):
+            avatarId = avatarId.decode("utf-8", "replace")
+        return IMessageDelivery, AuthenticatedSender(avatarId), lambda: None
+
+
+def make_auth_portal(checker) -> Portal:
+    """A Portal whose avatar id (the address) becomes ``session.user`` after AUTH."""
+    return Portal(_SenderRealm(), [checker])

@@ -1,0 +1,103 @@
+"""End to end: real agent processes on loopback relay a message across two domains."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from agents.journey import hops
+
+from .conftest import assert_no_agents_left, make_lab
+
+
+def test_status_lists_every_agent_alive(lab):
+    status = lab.status()
+    names = {a["name"] for a in status["agents"]}
+    assert names == {"dns", "msa.sender.test", "mta.sender.test", "mda.sender.test",
+                     "msa.recipient.test", "mta.recipient.test", "mda.recipient.test"}
+    assert all(a["alive"] for a in status["agents"])
+    msa = next(a for a in status["agents"] if a["name"] == "msa.sender.test")
+    assert set(msa["endpoints"]) == {"submission", "submissions"}
+    assert status["ca_cert"].endswith("ca.pem")
+
+
+def test_message_travels_every_hop(lab):
+    sent = lab.send("alice@sender.test", "bob@recipient.test", "e2e", "through every hop\n")
+    assert sent["accepted"], sent
+    msg = lab.wait_for("bob@recipient.test", sent["message_id"])
+    assert msg["subject"] == "e2e"
+    assert msg["body"].strip() == "through every hop"
+    # One Received: per accepting hop, newest first: MDA, MTA (recipient), MTA (sender), MSA.
+    received = " ".join(msg["received"])
+    for host in ("imap.recipient.test", "mx.recipient.test", "mx.sender.test", "smtp.sender.test"):
+        assert f"by {host}" in received
+    assert "with ESMTPSA" in received and "with LMTP" in received and "with ESMTPS" in received
+    path = [(h["from"], h["to"]) for h in hops(lab.trace(), sent["message_id"])]
+    assert path[:5] == [
+        ("mua", "msa.sender.test"),
+        ("msa.sender.test", "mta.sender.test"),
+        ("mta.sender.test", "mta.recipient.test"),
+        ("mta.recipient.test", "mda.recipient.test"),
+        ("mda.recipient.test", "mua"),
+    ]
+
+
+def test_implicit_tls_submission_on_465(lab):
+    sent = lab.send("alice@sender.test", "bob@recipient.test", "via 465", "implicit TLS\n", implicit_tls=True)
+    assert sent["accepted"]
+    assert lab.wait_for("bob@recipient.test", sent["message_id"])["subject"] == "via 465"
+
+
+def test_reply_from_bob_to_alice(lab):
+    sent = lab.send("bob@recipient.test", "alice@sender.test", "re: e2e", "got it\n")
+    msg = lab.wait_for("alice@sender.test", sent["message_id"])
+    assert msg["from"] == "bob@recipient.test"
+
+
+def test_msa_adds_message_id_and_date(lab):
+    sent = lab.send("alice@sender.test", "bob@recipient.test", "headers", "x\n")
+    msg = lab.wait_for("bob@recipient.test", sent["message_id"])
+    assert msg["date"] and msg["message_id"] == sent["message_id"]
+
+
+def test_cli_status_json(lab):
+    out = subprocess.run([sys.executable, "-m", "agents.cli", "--home", str(lab.home.root), "status", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    status = json.loads(out)
+    assert {"home", "ca_cert", "agents"} <= set(status)
+    for a in status["agents"]:
+        assert {"name", "role", "domain", "pid", "alive", "endpoints"} <= set(a)
+
+
+def test_second_lab_with_same_addresses_fails_with_clear_error(lab, tmp_path):
+    from agents.lab import Lab, LabError
+
+    twin = Lab(home=tmp_path / "twin", config=lab.config)
+    with pytest.raises(LabError, match="already in use"):
+        twin.up()
+    assert_no_agents_left(twin)
+
+
+def test_two_labs_side_by_side(tmp_path_factory, lab):
+    other = make_lab(tmp_path_factory)
+    with other:
+        sent = other.send("alice@sender.test", "bob@recipient.test", "second lab", "hi\n")
+        assert other.wait_for("bob@recipient.test", sent["message_id"])["subject"] == "second lab"
+    assert_no_agents_left(other)
+
+
+def test_killed_mta_keeps_message_and_delivers_after_restart(tmp_path_factory):
+    lab = make_lab(tmp_path_factory)
+    with lab:
+        lab.stop_agent("mta.recipient.test")
+        sent = lab.send("alice@sender.test", "bob@recipient.test", "waits in queue", "x\n")
+        assert sent["accepted"]
+        lab.start_agent("mta.recipient.test")
+        msg = lab.wait_for("bob@recipient.test", sent["message_id"], timeout=40)
+        assert msg["subject"] == "waits in queue"
+        deferred = [e for e in lab.trace() if e["event"] == "deferred" and e["agent"] == "mta.sender.test"]
+        assert deferred, "the sender's MTA should have deferred at least once"
+    assert_no_agents_left(lab)
