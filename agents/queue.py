@@ -77,6 +77,7 @@ class DeliveryQueue:
         lifetime: float = 600.0,
         make_bounce: Callable | None = None,
         concurrency: int = 20,
+        run_blocking=threads.deferToThread,
     ):
         self.spool = spool
         self.transport = transport
@@ -84,6 +85,8 @@ class DeliveryQueue:
         self.tracer = tracer
         self.retry_min, self.retry_max, self.lifetime = retry_min, retry_max, lifetime
         self.make_bounce = make_bounce
+        # Disk work runs in a thread; tests pass a synchronous stand-in.
+        self._blocking = run_blocking
         self._slots = defer.DeferredSemaphore(concurrency)
         self._timers: dict[str, object] = {}
         self.items: dict[str, QueuedMessage] = {}
@@ -94,7 +97,7 @@ class DeliveryQueue:
                message_id: str | None = None, queue_id: str | None = None):
         """Spool a message durably; fires with its queue id once it is on disk."""
         item = QueuedMessage(queue_id or new_queue_id(), mail_from, list(recipients), message_id)
-        d = threads.deferToThread(self.spool.store, item, content)
+        d = self._blocking(self.spool.store, item, content)
 
         def stored(_):
             self.tracer.event(
@@ -110,7 +113,7 @@ class DeliveryQueue:
 
     def recover(self):
         """Pick up everything left in the spool by an earlier run (or a crash)."""
-        d = threads.deferToThread(self.spool.recover)
+        d = self._blocking(self.spool.recover)
 
         def loaded(result):
             items, corrupt = result
@@ -147,7 +150,7 @@ class DeliveryQueue:
     @defer.inlineCallbacks
     def _run_attempt(self, item: QueuedMessage, content: bytes | None):
         if content is None:
-            content = yield threads.deferToThread(self.spool.content, item.queue_id)
+            content = yield self._blocking(self.spool.content, item.queue_id)
         item.attempts += 1
         self.tracer.event(
             "dequeued", queue_id=item.queue_id, message_id=item.message_id,
@@ -186,14 +189,14 @@ class DeliveryQueue:
             delay *= random.uniform(0.8, 1.2)
             item.next_attempt = time.time() + delay
             item.last_error = f"{waiting[0].code} {waiting[0].status} {waiting[0].text}"
-            yield threads.deferToThread(self.spool.save_state, item)
+            yield self._blocking(self.spool.save_state, item)
             self.tracer.event("deferred", queue_id=item.queue_id, message_id=item.message_id,
                               rcpts=item.pending, code=waiting[0].code, status=waiting[0].status,
                               text=waiting[0].text, retry_in=round(delay, 3))
             self._schedule(item, delay)
         else:
             self.items.pop(item.queue_id, None)
-            yield threads.deferToThread(self.spool.remove, item.queue_id)
+            yield self._blocking(self.spool.remove, item.queue_id)
             self.tracer.event("done", queue_id=item.queue_id, message_id=item.message_id)
 
     def _bounce(self, item: QueuedMessage, content: bytes, failed: list[Outcome]):
