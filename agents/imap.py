@@ -32,7 +32,6 @@ from email.policy import compat32
 from twisted.cred import portal as cred_portal
 from twisted.internet import defer, interfaces, protocol
 from twisted.mail import imap4
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import log
 from zope.interface import implementer
 
@@ -852,19 +851,17 @@ class IMAPServerFactory(protocol.ServerFactory):
 
 
 def make_imap_factory(store, checker, tls_context, implicit_tls=False, tracer=NULL_TRACER):
-    """An IMAP server factory; listen with ``reactor.listenTCP`` in both modes.
+    """An IMAP server factory.
 
-    * ``implicit_tls=False`` (port 143): STARTTLS is offered when
-      ``tls_context`` is given, and LOGIN is refused until it has run.
-    * ``implicit_tls=True`` (port 993, RFC 8314): the returned factory is a
-      :class:`TLSMemoryBIOFactory` that speaks TLS from the first byte.
+    * ``implicit_tls=False`` (port 143): listen with ``reactor.listenTCP``;
+      STARTTLS is offered when ``tls_context`` is given, and LOGIN is
+      refused until it has run (LOGINDISABLED, RFC 3501 6.2.3).
+    * ``implicit_tls=True`` (port 993, RFC 8314): listen with
+      ``reactor.listenSSL(port, factory, tls_context)``; the server sees a
+      TLS transport, so it offers LOGIN at once and no STARTTLS.
     """
     portal = cred_portal.Portal(IMAPRealm(store), [checker])
-    if implicit_tls:
-        if tls_context is None:
-            raise ValueError("implicit TLS needs a TLS context")
-        return TLSMemoryBIOFactory(tls_context, False, IMAPServerFactory(store, portal, None, tracer))
-    return IMAPServerFactory(store, portal, tls_context, tracer)
+    return IMAPServerFactory(store, portal, None if implicit_tls else tls_context, tracer)
 
 
 __all__ = [

@@ -323,6 +323,14 @@ class Maildir:
         self._where[key] = target
         return target
 
+    def add_flags(self, key: str, letters: str) -> Path | None:
+        """Add flags to those the file carries now (another session may have set some)."""
+        path = self.find(key)
+        if path is None:
+            return None
+        current = split_filename(path.name)[1] if path.parent.name == "cur" else ""
+        return self.set_flags(key, "".join(sorted(set(current) | set(letters))))
+
     def remove(self, key: str) -> bool:
         """Delete a message (IMAP EXPUNGE, POP3 DELE+QUIT)."""
         path = self.find(key)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -313,6 +314,7 @@ class DeliveryClient(smtp.ESMTPClient):
         """
         if self.result.called:
             return
+        self.sasl_active = False  # so our QUIT is traced as it is
         self.timings["done"] = now_us()
         self.tracer.event(
             "relay.done", conn=self.conn_id, error=str(error), permanent=error.permanent
@@ -656,7 +658,9 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def _connection_lost_error(self, reason: Failure | None) -> SMTPDeliveryError:
         why = reason.getErrorMessage() if reason is not None else "unknown"
-        if reason is not None and reason.check(SSL.Error):
+        # SSL.Error: the chain does not lead to the lab CA (or the handshake
+        # broke); VerificationError: the certificate names another host.
+        if reason is not None and reason.check(SSL.Error, VerificationError):
             return SMTPDeliveryError(421, "4.7.5", f"TLS handshake failed: {why}", stage="TLS")
         if self.data_sent:
             # RFC 1047: the server may have the message; a retry may duplicate it.
@@ -748,9 +752,15 @@ def send(
     the first byte, RFC 8314 3.3, port 465), ``"opportunistic"`` (STARTTLS
     when offered, else clear) or ``"none"``. Whenever TLS is used, the server
     must prove it is ``tls_hostname`` (default ``host``) with a certificate
-    from the lab CA ``ca_cert``. ``bind_address`` is our side's address,
-    which the next hop sees as the client IP (SPF). ``mail_from=""`` sends
-    the null sender ``<>`` used by bounces (RFC 5321 4.5.5).
+    from the lab CA ``ca_cert``; a failed check or handshake is a failure
+    (4.7.5), never a reason to carry on in clear. ``bind_address`` is our
+    side's address, which the next hop sees as the client IP (SPF).
+    ``mail_from=""`` sends the null sender ``<>`` used by bounces (RFC 5321
+    4.5.5). Credentials are sent only under TLS.
+
+    The trace gets every command and reply line (``C`` is us, ``S`` the
+    server; SASL secrets as ``***``) and ``relay.*``/``tls.*`` events; the
+    message body is not traced, only its size (``relay.data``).
     """
     if tls not in TLS_MODES:
         raise ValueError(f"tls must be one of {TLS_MODES}, not {tls!r}")

@@ -404,16 +404,20 @@ class SMTPServer(smtp.ESMTP):
         smtp.ESMTP.connectionLost(self, reason)  # cred logout, cancel the timer
 
     def handshakeCompleted(self) -> None:
-        """IHandshakeListener: the TLS handshake finished (STARTTLS or implicit)."""
+        """IHandshakeListener: the TLS handshake finished (STARTTLS or implicit).
+
+        The negotiated version and cipher go to ``session.notes["tls_version"]``
+        and ``["tls_cipher"]`` for the Received header (RFC 8314 7.4).
+        """
         self.session.tls = True
-        details = {}
         try:
             handle = self.transport.getHandle()
-            details = {"version": handle.get_protocol_version_name(),
-                       "cipher": handle.get_cipher_name()}  # fmt: skip
+            self.session.notes["tls_version"] = handle.get_protocol_version_name()
+            self.session.notes["tls_cipher"] = handle.get_cipher_name()
         except Exception:  # not every transport exposes the OpenSSL object
             pass
-        self._event("tls.done", **details)
+        notes = self.session.notes
+        self._event("tls.done", version=notes.get("tls_version"), cipher=notes.get("tls_cipher"))
 
     # -- framing -----------------------------------------------------------
 

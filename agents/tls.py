@@ -28,4 +28,6 @@ def server_context(cert_pem: Path) -> ssl.CertificateOptions:
 def client_context(ca_pem: Path, hostname: str):
     """Client-side TLS options that trust only the lab CA and verify ``hostname``."""
     authority = ssl.Certificate.loadPEM(Path(ca_pem).read_bytes())
-    return ssl.optionsForClientTLS(hostname, trustRoot=authority, raiseMinimumTo=MIN_TLS)
+    return ssl.optionsForClientTLS(
+        hostname, trustRoot=authority, extraCertificateOptions={"raiseMinimumTo": MIN_TLS}
+    )

@@ -1,0 +1,203 @@
+"""The Maildir store: names, durability, UIDs, flags, folders, path safety."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+
+import pytest
+from twisted.internet import defer
+
+from agents.maildir import (
+    UIDLIST_NAME,
+    Maildir,
+    MailStore,
+    NoSuchFolder,
+    UnsafePath,
+    check_folder_name,
+    split_address,
+)
+
+MESSAGE = b"From: a@b.test\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+def sync_store(root) -> MailStore:
+    """A store whose 'thread' runs at once, so tests need no reactor."""
+    return MailStore(root, run_in_thread=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
+
+
+def test_deliver_writes_into_new_with_a_unique_name(tmp_path):
+    md = Maildir(tmp_path / "md")
+    key = md.deliver(MESSAGE)
+    assert re.fullmatch(r"\d+\.M\d{6}P\d+Q\d+\.[^/:]+,S=%d" % len(MESSAGE), key)
+    assert (tmp_path / "md" / "new" / key).read_bytes() == MESSAGE
+    assert os.listdir(tmp_path / "md" / "tmp") == []
+    assert md.deliver(MESSAGE) != key
+
+
+def test_deliver_goes_through_write_durably(tmp_path, monkeypatch):
+    calls = []
+    import agents.maildir as module
+
+    real = module.write_durably
+
+    def spy(tmp, final, data, *args):
+        calls.append((tmp, final))
+        return real(tmp, final, data, *args)
+
+    monkeypatch.setattr(module, "write_durably", spy)
+    key = Maildir(tmp_path / "md").deliver(MESSAGE)
+    tmp, final = calls[0]
+    assert tmp.parent.name == "tmp" and final.parent.name == "new" and final.name == key
+
+
+def test_uids_are_stable_and_survive_a_restart(tmp_path):
+    md = Maildir(tmp_path / "md")
+    keys = [md.deliver(MESSAGE + b"%d" % i) for i in range(3)]
+    first = md.scan()
+    assert [m.uid for m in first.messages] == [1, 2, 3]
+    assert [m.key for m in first.messages] == keys
+    assert first.uid_next == 4
+
+    md.remove(keys[1])
+    md.deliver(MESSAGE)
+    again = Maildir(tmp_path / "md").scan()  # a new process, say
+    assert again.uid_validity == first.uid_validity
+    assert [m.uid for m in again.messages] == [1, 3, 4]  # 2 is never reused
+    header = (tmp_path / "md" / UIDLIST_NAME).read_text().splitlines()[0]
+    assert header == f"3 V{first.uid_validity} N5"
+
+
+def test_files_dropped_in_by_hand_get_uids(tmp_path):
+    md = Maildir(tmp_path / "md")
+    (tmp_path / "md" / "cur" / "123.handmade:2,S").write_bytes(MESSAGE)
+    (snapshot_message,) = md.scan().messages
+    assert snapshot_message.uid == 1 and snapshot_message.flags == "S"
+
+
+def test_damaged_uidlist_gets_a_new_uidvalidity(tmp_path):
+    md = Maildir(tmp_path / "md")
+    md.deliver(MESSAGE)
+    (tmp_path / "md" / UIDLIST_NAME).write_text("garbage\n")
+    snapshot = md.scan()
+    assert [m.uid for m in snapshot.messages] == [1]
+
+
+def test_concurrent_deliveries_get_distinct_uids(tmp_path):
+    md = Maildir(tmp_path / "md")
+    threads = [threading.Thread(target=lambda: [md.deliver(MESSAGE) for _ in range(5)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    uids = [m.uid for m in md.scan().messages]
+    assert sorted(uids) == list(range(1, 21))
+
+
+def test_flags_live_in_the_file_name(tmp_path):
+    md = Maildir(tmp_path / "md")
+    key = md.deliver(MESSAGE)
+    snapshot = md.scan(claim_new=True)
+    assert snapshot.claimed == {key}
+    assert (tmp_path / "md" / "cur" / (key + ":2,")).exists()
+    md.set_flags(key, "TS")
+    md.add_flags(key, "F")
+    assert (tmp_path / "md" / "cur" / (key + ":2,FST")).exists()
+    assert md.scan().messages[0].flags == "FST"
+    assert md.remove(key) and md.scan().messages == []
+
+
+def test_deliver_with_flags_goes_to_cur(tmp_path):
+    md = Maildir(tmp_path / "md")
+    key = md.deliver(MESSAGE, flags="S", mtime=1_000_000_000)
+    path = tmp_path / "md" / "cur" / (key + ":2,S")
+    assert path.exists() and path.stat().st_mtime == 1_000_000_000
+
+
+def test_store_layout_is_domain_then_local_part(tmp_path):
+    store = sync_store(tmp_path)
+    md = store.maildir("Alice@Sender.TEST")
+    assert md.path == tmp_path / "sender.test" / "alice"
+    junk = store.maildir("alice@sender.test", "Junk")
+    assert junk.path == tmp_path / "sender.test" / "alice" / ".Junk"
+    assert (junk.path / "maildirfolder").exists()
+    assert store.list_folders("alice@sender.test") == ["INBOX", "Junk"]
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["../x@b.test", "a/b@b.test", "a@../b", "/etc/passwd", "..@b.test", ".a@b.test", "a@b.test/..", "nobody"],
+)
+def test_unsafe_addresses_are_rejected(tmp_path, address):
+    with pytest.raises(UnsafePath):
+        sync_store(tmp_path).maildir(address)
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "a/b", "/abs", ".hidden", "a..b", "a.", "", "a\x00b", "a\\b"])
+def test_unsafe_folder_names_are_rejected(name):
+    with pytest.raises(UnsafePath):
+        check_folder_name(name)
+
+
+def test_folder_names():
+    assert check_folder_name("inbox") == "INBOX"
+    assert check_folder_name("Archive.2024") == "Archive.2024"
+    assert split_address("Bob@Example.Test") == ("bob", "example.test")
+
+
+def test_symlinks_are_refused(tmp_path):
+    store = sync_store(tmp_path / "root")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "root" / "evil.test").mkdir()
+    os.symlink(outside, tmp_path / "root" / "evil.test" / "bob")
+    with pytest.raises(UnsafePath):
+        store.maildir("bob@evil.test")
+    store.maildir("carol@evil.test")
+    os.symlink(outside, tmp_path / "root" / "evil.test" / "carol" / ".Junk")
+    with pytest.raises(UnsafePath):
+        store.maildir("carol@evil.test", "Junk")
+    assert not store.folder_exists("carol@evil.test", "Junk")
+    assert os.listdir(outside) == []
+
+
+def test_missing_folder_is_not_created_when_asked_not_to(tmp_path):
+    store = sync_store(tmp_path)
+    with pytest.raises(NoSuchFolder):
+        store.maildir("a@b.test", "Nope", create=False)
+
+
+def test_folder_create_rename_delete(tmp_path):
+    store = sync_store(tmp_path)
+    store.create_folder("a@b.test", "Work")
+    store.create_folder("a@b.test", "Work.Old")
+    store.rename_folder("a@b.test", "Work", "Jobs")
+    assert store.list_folders("a@b.test") == ["INBOX", "Jobs", "Jobs.Old"]
+    store.delete_folder("a@b.test", "Jobs.Old")
+    assert store.list_folders("a@b.test") == ["INBOX", "Jobs"]
+    with pytest.raises(NoSuchFolder):
+        store.delete_folder("a@b.test", "INBOX")
+
+
+def test_store_deliver_notifies_subscribers_after_the_write(tmp_path):
+    store = sync_store(tmp_path)
+    heard = []
+
+    def listener(folder, key):
+        heard.append((folder, key, (store.maildir("a@b.test").path / "new" / key).exists()))
+
+    store.subscribe("A@b.test", listener)
+    results = []
+    store.deliver("a@b.test", MESSAGE).addCallback(results.append)
+    assert heard == [("INBOX", results[0], True)]
+    store.unsubscribe("a@b.test", listener)
+    store.deliver("a@b.test", MESSAGE)
+    assert len(heard) == 1
+
+
+def test_store_deliver_runs_in_a_thread_by_default(tmp_path):
+    from twisted.internet import threads
+
+    store = MailStore(tmp_path)
+    assert store._run_in_thread is threads.deferToThread
