@@ -256,7 +256,7 @@ class MaildirMailbox:
     """
 
     def __init__(self, store: MailStore, address: str, folder: str, writeable: bool):
-        self.store, self.address, self.folder = store, address, folder
+        self.mail_store, self.address, self.folder = store, address, folder
         self.maildir = store.maildir(address, folder, create=False)
         self.writeable = bool(writeable)
         self._loaded = False
@@ -384,14 +384,14 @@ class MaildirMailbox:
 
     def addListener(self, listener):
         if not self._listeners:
-            self.store.subscribe(self.address, self._delivered)
+            self.mail_store.subscribe(self.address, self._delivered)
         self._listeners.append(listener)
 
     def removeListener(self, listener):
         if listener in self._listeners:
             self._listeners.remove(listener)
             if not self._listeners:
-                self.store.unsubscribe(self.address, self._delivered)
+                self.mail_store.unsubscribe(self.address, self._delivered)
 
     def close(self):
         """ICloseableMailbox: stop hearing about deliveries."""
@@ -401,7 +401,7 @@ class MaildirMailbox:
     def addMessage(self, message, flags=(), date=None):
         """APPEND: deliver durably in a thread; the store then notifies every view."""
         content = message.read()
-        return self.store.deliver(
+        return self.mail_store.deliver(
             self.address,
             content,
             self.folder,
@@ -413,7 +413,7 @@ class MaildirMailbox:
         """IMessageCopier: COPY keeps the flags and internal date (RFC 3501 6.4.7)."""
         flags = [f for f in message.getFlags() if f != RECENT]
         date = email.utils.parsedate_to_datetime(message.getInternalDate()).timestamp()
-        return self.store.deliver(
+        return self.mail_store.deliver(
             self.address,
             message.raw(),
             self.folder,
@@ -730,7 +730,7 @@ class IMAPServer(imap4.IMAP4Server):
         expunged, arrived = self.mbox.poll()
         for seq in expunged:
             self.sendUntaggedResponse(b"%d EXPUNGE" % seq)
-        if arrived or expunged:
+        if arrived:
             self.sendUntaggedResponse(b"%d EXISTS" % self.mbox.getMessageCount())
             self.sendUntaggedResponse(b"%d RECENT" % self.mbox.getRecentCount())
 

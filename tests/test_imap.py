@@ -143,12 +143,12 @@ def test_select_fetch_store_expunge(client):
     assert b"\\Seen" not in client.send(b"f5 FETCH 2 (FLAGS)")
 
     reply = client.send(b"st STORE 2 +FLAGS (\\Deleted \\Flagged)")
-    assert b"* 2 FETCH (FLAGS (\\Deleted \\Flagged \\Recent))" in reply
+    assert b"* 2 FETCH (FLAGS (\\Flagged \\Deleted \\Recent))" in reply
     cur = client.store.maildir(USER).path / "cur"
     assert len(list(cur.glob("*:2,FT"))) == 1  # flags live in the file name
 
     reply = client.send(b"u UID FETCH 2 (FLAGS)")
-    assert b"* 2 FETCH (FLAGS (\\Deleted \\Flagged \\Recent) UID 2)" in reply
+    assert b"* 2 FETCH (FLAGS (\\Flagged \\Deleted \\Recent) UID 2)" in reply
 
     reply = client.send(b"x EXPUNGE")
     assert reply == b"* 2 EXPUNGE\r\nx OK EXPUNGE completed\r\n"
