@@ -175,6 +175,13 @@ class ServerPolicy:
     # is pending the server stops reading once this much input is queued.
     pipeline_high_water: int = 256 * 1024
 
+    def __post_init__(self) -> None:
+        unknown = set(self.auth_mechanisms) - set(_MECHANISMS)
+        if unknown:
+            raise ValueError(f"unsupported SASL mechanisms: {sorted(unknown)}")
+        if self.max_message_size <= 0:  # RFC 1870 4: SIZE 0 would mean "no limit"
+            raise ValueError("max_message_size must be positive")
+
 
 #: SASL mechanism name -> zero-argument factory of a Twisted IChallengeResponse.
 _MECHANISMS: dict[str, Callable[[SMTPServer], Any]] = {
@@ -204,6 +211,7 @@ _MAILBOX = re.compile(
 _PATH_ARG = rb'[ \t]*<(?P<path>(?:"(?:[^"\\]|\\.)*"|[^<>"])*)>(?:[ \t]+(?P<params>.*))?\Z'
 _MAIL_ARG = re.compile(rb"FROM:" + _PATH_ARG, re.I)
 _RCPT_ARG = re.compile(rb"TO:" + _PATH_ARG, re.I)
+_HELO_NAME = re.compile(rb"[\x21-\x7e]{1,255}\Z")
 _PARAM = re.compile(rb"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
 
 
@@ -606,7 +614,7 @@ class SMTPServer(smtp.ESMTP):
     def _hello(self, arg: bytes, esmtp: bool, verb: str) -> None:
         """HELO/EHLO/LHLO (RFC 5321 4.1.1.1). No enhanced codes here (RFC 2034 3)."""
         name = arg.strip()
-        if not name or len(name.split()) != 1 or not name.isascii():
+        if not _HELO_NAME.match(name):  # one domain or address literal, printable ASCII
             self._send(Reply(501, "", f"Syntax: {verb} hostname"), verb)
             return
         hostname = name.decode("ascii")

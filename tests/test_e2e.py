@@ -10,7 +10,7 @@ import pytest
 
 from agents.journey import hops
 
-from .conftest import assert_no_agents_left, make_lab
+from support import assert_no_agents_left, make_lab
 
 
 def test_status_lists_every_agent_alive(lab):

@@ -1,0 +1,43 @@
+"""Helpers for tests that run real labs (imported by conftest and the tests)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+
+from agents.config import LabConfig
+from agents.lab import Lab
+
+_used_subnets: set[int] = set()
+
+
+def free_subnet() -> int:
+    """A 127.N.0.0/16 that no other lab of this test run uses.
+
+    Each test lab lives at 127.N.x.y with the standard lab ports, so it never
+    collides with a lab a student left running (127.0.x.y) or another test's.
+    """
+    rng = random.Random(os.getpid())
+    while True:
+        n = rng.randint(100, 250)
+        if n not in _used_subnets:
+            _used_subnets.add(n)
+            return n
+
+
+def make_lab(tmp_path_factory, **overrides) -> Lab:
+    config = LabConfig.load(None).relocated(free_subnet())
+    if overrides:
+        from dataclasses import replace
+
+        config = replace(config, **overrides)
+    home = tmp_path_factory.mktemp("lab")
+    return Lab(home=home, config=config)
+
+
+
+def assert_no_agents_left(lab: Lab) -> None:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    left = [l for l in out.splitlines() if "-m agents" in l and str(lab.home.root) in l]
+    assert not left, f"agent processes left behind: {left}"
