@@ -30,7 +30,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from twisted.cred import portal as cred_portal
-from twisted.internet import defer, interfaces, protocol
+from twisted.internet import interfaces, protocol
 from twisted.mail import imap4
 from twisted.python import log
 from zope.interface import implementer
@@ -38,7 +38,6 @@ from zope.interface import implementer
 from agents.maildir import (
     DEFAULT_FOLDERS,
     DELIMITER,
-    INBOX,
     FolderExists,
     MailStore,
     MessageFile,
@@ -185,9 +184,7 @@ def split_multipart(body: bytes, boundary: bytes) -> list[bytes]:
     The CRLF before a delimiter line belongs to the delimiter, not to the
     part before it; the preamble and the epilogue are not parts.
     """
-    delimiter = re.compile(
-        rb"(?:\A|\r?\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r?\n|\Z)"
-    )
+    delimiter = re.compile(rb"(?:\A|\r?\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r?\n|\Z)")
     parts, start = [], None
     for match in delimiter.finditer(body):
         if start is not None:
@@ -639,8 +636,10 @@ def _sets_seen(part) -> bool:
     """Does this FETCH item read the body, so it sets \\Seen (RFC 3501 6.4.5)?"""
     if part.type in ("rfc822", "rfc822text"):
         return True
-    return part.type == "body" and not part.peek and bool(
-        part.header or part.text or part.mime or part.empty or part.part
+    return (
+        part.type == "body"
+        and not part.peek
+        and bool(part.header or part.text or part.mime or part.empty or part.part)
     )
 
 

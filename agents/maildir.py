@@ -290,7 +290,9 @@ class Maildir:
                 for key, path in files.items():
                     if path.parent.name == "new":
                         try:
-                            files[key] = self._rename(path, self.path / "cur" / (key + format_info("")))
+                            files[key] = self._rename(
+                                path, self.path / "cur" / (key + format_info(""))
+                            )
                             claimed.add(key)
                         except FileNotFoundError:
                             pass

@@ -132,6 +132,13 @@ class POP3Maildrop:
             raise MessageDeleted(index)
         self._deleted.add(index)
 
+    def is_deleted(self, index: int) -> bool:
+        return index in self._deleted
+
+    def undeleted(self) -> list[int]:
+        """Indexes of the messages not marked for deletion."""
+        return [i for i in range(len(self._messages)) if i not in self._deleted]
+
     def undeleteMessages(self):
         self._deleted.clear()
 
@@ -203,7 +210,9 @@ class POP3Server(pop3.POP3):
 
     def lineReceived(self, line):
         if self._drop_clear_text:
-            self.tracer.line(self.conn_id, "C", b"[dropped: sent in clear after STLS]", peer=self.peer)
+            self.tracer.line(
+                self.conn_id, "C", b"[dropped: sent in clear after STLS]", peer=self.peer
+            )
             return
         self.tracer.line(self.conn_id, "C", line, peer=self.peer)
         super().lineReceived(line)
@@ -321,10 +330,38 @@ class POP3Server(pop3.POP3):
             self._highest = max(self._highest, index + 1)
             self.mbox.mark_seen(index)
             uidl = self.mbox.getUidl(index).decode()
-            self.tracer.event("pop3.retr", conn=self.conn_id, user=self.user, uidl=uidl, size=len(content))
+            self.tracer.event(
+                "pop3.retr", conn=self.conn_id, user=self.user, uidl=uidl, size=len(content)
+            )
         else:
             self.successResponse(b"top of message follows")
             self.transport.write(dot_stuff(top_of(content, lines)))
+
+    def _listing(self, number, describe):
+        """LIST and UIDL: one message, or all of them but those marked deleted (RFC 1939 5)."""
+        if number is not None:
+            index = self._message_number(number)
+            if index is None:
+                return
+            if self.mbox.is_deleted(index):
+                self.failResponse(b"message already deleted")
+                return
+            self.successResponse(b"%d %b" % (index + 1, describe(index)))
+            return
+        self.successResponse(b"listing follows")
+        for index in self.mbox.undeleted():
+            self.sendLine(b"%d %b" % (index + 1, describe(index)))
+        self.sendLine(b".")
+
+    def do_STAT(self):
+        live = self.mbox.undeleted()
+        self.successResponse(b"%d %d" % (len(live), sum(self.mbox.listMessages(i) for i in live)))
+
+    def do_LIST(self, number=None):
+        self._listing(number, lambda index: b"%d" % self.mbox.listMessages(index))
+
+    def do_UIDL(self, number=None):
+        self._listing(number, self.mbox.getUidl)
 
     def do_RETR(self, number):
         self._send_message(number)

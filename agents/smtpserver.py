@@ -141,6 +141,14 @@ class SMTPHandler:
 # ---------------------------------------------------------------------------
 # Policy
 
+#: SASL mechanism name -> zero-argument factory of a Twisted IChallengeResponse.
+_MECHANISMS: dict[str, Callable[[SMTPServer], Any]] = {
+    "PLAIN": lambda server: PLAINCredentials(),
+    "LOGIN": lambda server: smtp.LOGINCredentials(),
+    "CRAM-MD5": lambda server: CramMD5Credentials(server.host),
+}
+
+
 
 @dataclass
 class ServerPolicy:
@@ -182,13 +190,6 @@ class ServerPolicy:
         if self.max_message_size <= 0:  # RFC 1870 4: SIZE 0 would mean "no limit"
             raise ValueError("max_message_size must be positive")
 
-
-#: SASL mechanism name -> zero-argument factory of a Twisted IChallengeResponse.
-_MECHANISMS: dict[str, Callable[[SMTPServer], Any]] = {
-    "PLAIN": lambda server: PLAINCredentials(),
-    "LOGIN": lambda server: smtp.LOGINCredentials(),
-    "CRAM-MD5": lambda server: CramMD5Credentials(server.host),
-}
 
 LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
 
@@ -392,14 +393,16 @@ class SMTPServer(smtp.ESMTP):
         return self.host + b" " + self.PROTOCOL_NAME.encode() + b" mailpipe"
 
     def _greet(self, outcome) -> None:
+        """220, or a refusal: RFC 5321 3.1 allows only 421 (close now) or 554
+        (then answer 503 to everything but QUIT) instead of the greeting."""
         verdict = self._verdict(outcome, "handle_CONNECT", default=None)
         if verdict is None or verdict.ok:
             self._send(Reply(220, "", self.greeting().decode("ascii", "replace")))
-        elif verdict.code == 421:
-            self._close_with(verdict)
+        elif verdict.code // 100 == 4:  # a handler error (451) is transient too
+            self._close_with(Reply(421, verdict.status, verdict.text))
         else:
             self._refused = True
-            self._send(verdict)
+            self._send(Reply(554, verdict.status, verdict.text))
 
     def timeoutConnection(self) -> None:
         """Idle too long (RFC 5321 4.5.3.2.7): say so, then close."""

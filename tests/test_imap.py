@@ -275,8 +275,7 @@ def test_trace_masks_the_password_and_records_events(tmp_path):
 # --------------------------------------------------------------------------
 # Real loopback: imaplib, STARTTLS, the lab CA
 
-SERVER_SCRIPT = textwrap.dedent(
-    """
+SERVER_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -291,11 +290,14 @@ SERVER_SCRIPT = textwrap.dedent(
     checker = InMemoryUsernamePasswordDatabaseDontUse(**{user: password.encode()})
     ctx = server_context(Path(pem))
     imap = reactor.listenTCP(0, make_imap_factory(store, checker, ctx), interface="127.0.0.1")
+    imaps = reactor.listenSSL(
+        0, make_imap_factory(store, checker, ctx, implicit_tls=True), ctx, interface="127.0.0.1"
+    )
     pop3 = reactor.listenTCP(0, make_pop3_factory(store, checker, ctx), interface="127.0.0.1")
-    print(json.dumps({"imap": imap.getHost().port, "pop3": pop3.getHost().port}), flush=True)
+    ports = {"imap": imap.getHost().port, "imaps": imaps.getHost().port, "pop3": pop3.getHost().port}
+    print(json.dumps(ports), flush=True)
     reactor.run()
-    """
-)
+    """)
 
 
 @pytest.fixture
@@ -338,3 +340,22 @@ def test_imaplib_over_starttls(live_server):
         assert b'(\\HasNoChildren \\Junk) "." Junk' in data or any(b"Junk" in d for d in data)
         imap.logout()
     assert store.maildir(USER).scan().messages == []
+
+
+def test_imaplib_over_implicit_tls(live_server):
+    store, ports, tls = live_server
+    store.deliver_now(USER, MESSAGE)
+    with imaplib.IMAP4_SSL("127.0.0.1", ports["imaps"], ssl_context=tls, timeout=10) as imap:
+        assert "LOGINDISABLED" not in imap.capabilities and "STARTTLS" not in imap.capabilities
+        assert "AUTH=PLAIN" in imap.capabilities
+        imap.login(USER, PASSWORD)
+        assert imap.select("INBOX", readonly=True) == ("OK", [b"1"])
+        typ, data = imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert data[0][1] == b"Subject: lunch\r\n\r\n"
+        imap.logout()
+
+
+def test_str_error_messages_are_sent_as_bytes(client):
+    """Twisted #12262: some error paths hand sendNegativeResponse a str."""
+    client.server.sendNegativeResponse(b"t", "[ALERT] Some messages were not copied")
+    assert client.take() == b"t NO [ALERT] Some messages were not copied\r\n"

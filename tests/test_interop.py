@@ -117,7 +117,7 @@ def test_swaks_submission(lab):
         ["swaks", "--server", f"{host}:{port}", "--tls", "--tls-verify", "--tls-ca-path", str(lab.home.ca_cert),
          "--auth", "PLAIN", "--auth-user", "alice@sender.test", "--auth-password", "alice-secret",
          "--from", "alice@sender.test", "--to", "bob@recipient.test", "--ehlo", "swaks.test",
-         "--header", f"Message-ID: {msg_id}", "--header", "Subject: from swaks"],
+         "--header", f"Message-Id: {msg_id}", "--header", "Subject: from swaks"],
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -86,7 +86,9 @@ def test_damaged_uidlist_gets_a_new_uidvalidity(tmp_path):
 
 def test_concurrent_deliveries_get_distinct_uids(tmp_path):
     md = Maildir(tmp_path / "md")
-    threads = [threading.Thread(target=lambda: [md.deliver(MESSAGE) for _ in range(5)]) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: [md.deliver(MESSAGE) for _ in range(5)]) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -127,14 +129,25 @@ def test_store_layout_is_domain_then_local_part(tmp_path):
 
 @pytest.mark.parametrize(
     "address",
-    ["../x@b.test", "a/b@b.test", "a@../b", "/etc/passwd", "..@b.test", ".a@b.test", "a@b.test/..", "nobody"],
+    [
+        "../x@b.test",
+        "a/b@b.test",
+        "a@../b",
+        "/etc/passwd",
+        "..@b.test",
+        ".a@b.test",
+        "a@b.test/..",
+        "nobody",
+    ],
 )
 def test_unsafe_addresses_are_rejected(tmp_path, address):
     with pytest.raises(UnsafePath):
         sync_store(tmp_path).maildir(address)
 
 
-@pytest.mark.parametrize("name", ["..", "../x", "a/b", "/abs", ".hidden", "a..b", "a.", "", "a\x00b", "a\\b"])
+@pytest.mark.parametrize(
+    "name", ["..", "../x", "a/b", "/abs", ".hidden", "a..b", "a.", "", "a\x00b", "a\\b"]
+)
 def test_unsafe_folder_names_are_rejected(name):
     with pytest.raises(UnsafePath):
         check_folder_name(name)

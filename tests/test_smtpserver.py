@@ -305,14 +305,14 @@ def test_auth_secrets_never_reach_the_trace():
     tracer = RecordingTracer()
     proto, t, _ = tls_session(portal=auth_portal(), tracer=tracer)
     talk(proto, t, b"AUTH PLAIN " + plain(b"alice@lab.test", b"s3cret") + b"\r\n")
-    talk(proto, t, b"AUTH LOGIN\r\n")  # already authenticated: 503, no exchange
-    proto.session.user = None
+    proto, t, _ = tls_session(portal=auth_portal(), tracer=tracer)
     talk(proto, t, b"AUTH LOGIN\r\n" + base64.b64encode(b"alice@lab.test") + b"\r\n")
     talk(proto, t, base64.b64encode(b"s3cret") + b"\r\n")
     traced = repr(tracer.events).encode()
     assert plain(b"alice@lab.test", b"s3cret") not in traced
     assert base64.b64encode(b"s3cret") not in traced and b"s3cret" not in traced
-    assert ("auth.result", True) in [(n, f.get("ok")) for n, f in tracer.events]
+    results = [f for n, f in tracer.events if n == "auth.result"]
+    assert [(r["ok"], r["user"]) for r in results] == [(True, "alice@lab.test")] * 2
 
 
 def test_implicit_tls_offers_auth_not_starttls():
@@ -755,6 +755,15 @@ def test_handle_connect_can_refuse_then_only_quit_works():
     assert codes(talk(proto, t, b"QUIT\r\n")) == [221]
     proto, t, _ = connect(handler=RecordingHandler(CONNECT=Reply(421, "4.3.2", "busy")))
     assert replies(t) == [b"421 4.3.2 busy"] and t.disconnecting
+
+
+def test_handle_connect_crash_is_421_not_a_451_greeting():
+    def boom(session):
+        raise RuntimeError("dnsbl lookup failed")
+
+    proto, t, _ = connect(handler=RecordingHandler(CONNECT=boom))
+    assert replies(t) == [b"421 4.3.0 Requested action aborted: local error in processing"]
+    assert t.disconnecting
 
 
 def test_handle_ehlo_can_reject_and_rcpt_hook_can_refuse():
