@@ -21,7 +21,7 @@ from twisted.internet import defer
 
 from .dsn import bounce_maker
 from .headers import get_header, header_fields, received_field
-from .queue import DeliveryQueue, Outcome
+from .queue import DeliveryQueue, outcomes_for_failure
 from .routing import Router
 from .smtpserver import Reply, ServerPolicy, SMTPHandler, SMTPServerFactory
 from .spool import Spool, new_queue_id
@@ -97,7 +97,7 @@ class Transport:
     @staticmethod
     def _guard(d, rcpts):
         """A route that fails as a whole fails each of its recipients, not the others'."""
-        return d.addErrback(lambda f: [Outcome.from_error(r, f.value) for r in rcpts])
+        return d.addErrback(lambda f: outcomes_for_failure(rcpts, f.value))
 
 
 def build(ctx) -> None:

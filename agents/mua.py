@@ -344,9 +344,12 @@ def main(argv: list[str]) -> int:
             mua = MUA(reactor, home, config, args.user, args.password)
             yield mua.watch(args.folder, args.count, args.json)
 
+    if not home.ca_cert.exists():
+        print(f"mailpipe: no lab CA at {home.ca_cert}; start the lab first ('mailpipe up')", file=sys.stderr)
+        return 1
     outcome = run_reactor(run)
     if isinstance(outcome, BaseException):
-        print(f"mailpipe: {outcome}", file=sys.stderr)
+        print(f"mailpipe: {explain(outcome)}", file=sys.stderr)
         return 1
     if args.command != "watch":
         if args.json:
@@ -354,6 +357,21 @@ def main(argv: list[str]) -> int:
         else:
             _print_human(args.command, out)
     return 0
+
+
+def explain(error: BaseException) -> str:
+    """One line for a person: what went wrong and what to do."""
+    text = str(error) or type(error).__name__
+    status = getattr(error, "status", "")
+    if status in ("4.4.1",) or isinstance(error, ConnectionRefusedError):
+        return f"{text}; is that agent running? ('mailpipe status')"
+    if status.startswith("4.7.5"):
+        return f"{text}; the server's certificate is not from this lab's CA ('mailpipe up' recreates it)"
+    from .resolver import LookupFailed
+
+    if isinstance(error, LookupFailed):
+        return f"{text}; is the lab DNS running? ('mailpipe status')"
+    return text
 
 
 def run_reactor(function):

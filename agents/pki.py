@@ -69,12 +69,22 @@ def ensure_ca(pki: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, key
 
 
+def _issued_by(pem_path: Path, ca_cert: x509.Certificate) -> bool:
+    """Was this certificate signed by this CA? (Not if the CA was deleted and remade.)"""
+    try:
+        cert = x509.load_pem_x509_certificate(pem_path.read_bytes())
+        cert.verify_directly_issued_by(ca_cert)
+        return True
+    except Exception:
+        return False
+
+
 def ensure_host_cert(pki: Path, domain: str, hostnames: list[str], address: str) -> Path:
     """Issue (once) ``pki/<domain>.pem``: key and certificate for a domain's hosts."""
     path = pki / f"{domain}.pem"
-    if path.exists():
-        return path
     ca_cert, ca_key = ensure_ca(pki)
+    if path.exists() and _issued_by(path, ca_cert):
+        return path
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     sans = [x509.DNSName(h) for h in hostnames]

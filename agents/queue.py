@@ -64,6 +64,21 @@ class Outcome:
         return cls(address, code, status, text)
 
 
+def outcomes_for_failure(recipients: list[str], error: BaseException) -> list[Outcome]:
+    """Per-recipient outcomes when a delivery attempt failed as a whole.
+
+    If the server refused every recipient at RCPT, the error carries each
+    refusal: keep them, so a 550 for one bounces while a 450 for another is
+    retried. Otherwise every recipient shares the one error.
+    """
+    known = {r.address: r for r in getattr(error, "recipients", None) or []}
+    out = []
+    for address in recipients:
+        r = known.get(address)
+        out.append(Outcome(address, r.code, r.status, r.text) if r else Outcome.from_error(address, error))
+    return out
+
+
 class DeliveryQueue:
     def __init__(
         self,
@@ -159,7 +174,7 @@ class DeliveryQueue:
         try:
             outcomes = yield self.transport(item, content)
         except Exception as e:  # the whole attempt failed: every recipient shares it
-            outcomes = [Outcome.from_error(r, e) for r in item.pending]
+            outcomes = outcomes_for_failure(item.pending, e)
         yield self._record(item, content, outcomes)
 
     @defer.inlineCallbacks

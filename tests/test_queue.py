@@ -136,3 +136,19 @@ def test_whole_attempt_failure_counts_as_temporary(tmp_path):
     assert len(q.items) == 1
     clock.advance(20)
     assert len(transport.calls) == 2 and q.items == {}
+
+
+def test_per_recipient_refusals_survive_a_whole_transaction_failure(tmp_path):
+    from agents.smtpclient import RecipientResult, SMTPDeliveryError
+
+    refused = SMTPDeliveryError(450, "4.2.1", "all refused", recipients=[
+        RecipientResult("b@y.test", 550, "5.1.1", "no such user"),
+        RecipientResult("c@y.test", 450, "4.2.1", "try later"),
+    ])
+    transport = FakeTransport(refused, {})
+    bounces = []
+    q, spool, clock = make_queue(tmp_path, transport, make_bounce=lambda item, c, failed: bounces.append(failed) or b"x")
+    q.accept("a@x.test", ["b@y.test", "c@y.test"], MESSAGE)
+    clock.advance(0)
+    assert [o.address for o in bounces[0]] == ["b@y.test"]
+    assert q.items and list(q.items.values())[0].pending == ["c@y.test"]
