@@ -243,7 +243,9 @@ def parse_append_date(date) -> float | None:
         return None
 
 
-@implementer(imap4.IMailbox, imap4.ICloseableMailbox, imap4.IMessageCopier)
+@implementer(
+    imap4.IMailbox, imap4.ICloseableMailbox, imap4.IMessageCopier, imap4.ISearchableMailbox
+)
 class MaildirMailbox:
     """One folder as one IMAP session sees it (RFC 3501 2.3.1.2).
 
@@ -464,6 +466,127 @@ class MaildirMailbox:
             self._files[message_uid] = MessageFile(message_uid, file.key, path)
             changed[seq] = self.flags_of(message_uid)
         return changed
+
+
+    def search(self, query, uid):
+        """SEARCH (RFC 3501 6.4.4): the matching sequence numbers.
+
+        Twisted maps them to UIDs for UID SEARCH. Its own fallback search
+        compares the query's bytes with str header values and fails.
+        """
+        view = self._view()
+        highest = (len(view), view[-1] if view else 0)
+        matches = []
+        for seq, message_uid in enumerate(view, 1):
+            message = MaildirMessage(self, message_uid, self._files[message_uid])
+            if _Search(seq, message, highest).all(list(query)):
+                matches.append(seq)
+        return matches
+
+
+_MONTHS = {m: i for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
+
+
+def _search_date(token: bytes) -> datetime.date:
+    """A SEARCH date, ``1-Feb-1994`` (RFC 3501 9, ``date``)."""
+    day, month, year = token.decode("ascii").split("-")
+    return datetime.date(int(year), _MONTHS[month.lower()], int(day))
+
+
+class _Search:
+    """Evaluates one SEARCH program against one message, key by key."""
+
+    _FLAG_KEYS = {
+        b"ANSWERED": ("\\Answered", True),
+        b"DELETED": ("\\Deleted", True),
+        b"DRAFT": ("\\Draft", True),
+        b"FLAGGED": ("\\Flagged", True),
+        b"RECENT": (RECENT, True),
+        b"SEEN": ("\\Seen", True),
+        b"OLD": (RECENT, False),
+        b"UNANSWERED": ("\\Answered", False),
+        b"UNDELETED": ("\\Deleted", False),
+        b"UNDRAFT": ("\\Draft", False),
+        b"UNFLAGGED": ("\\Flagged", False),
+        b"UNSEEN": ("\\Seen", False),
+    }
+    _HEADER_KEYS = {b"BCC", b"CC", b"FROM", b"SUBJECT", b"TO"}
+
+    def __init__(self, seq: int, message: MaildirMessage, highest: tuple[int, int]):
+        self.seq, self.message = seq, message
+        self.last_seq, self.last_uid = highest
+
+    def all(self, keys: list) -> bool:
+        """Every key must match (keys are ANDed); evaluates them all in order."""
+        result = True
+        while keys:
+            result = self.one(keys) and result
+        return result
+
+    def _text(self, keys: list) -> bytes:
+        return keys.pop(0).lower()
+
+    def _header(self, name: str, needle: bytes) -> bool:
+        value = self.message.getHeaders(False, name).get(name.lower(), "")
+        return needle.decode("utf-8", "replace").lower() in value.lower()
+
+    def _internal_date(self) -> datetime.date:
+        return email.utils.parsedate_to_datetime(self.message.getInternalDate()).date()
+
+    def _sent_date(self) -> datetime.date | None:
+        try:
+            return email.utils.parsedate_to_datetime(
+                self.message.getHeaders(False, "date").get("date", "")
+            ).date()
+        except (TypeError, ValueError):
+            return None
+
+    def one(self, keys: list) -> bool:
+        key = keys.pop(0)
+        if isinstance(key, list):
+            return self.all(list(key))
+        name = key.upper()
+        if name == b"ALL":
+            return True
+        if name in self._FLAG_KEYS:
+            flag, wanted = self._FLAG_KEYS[name]
+            return (flag in self.message.getFlags()) == wanted
+        if name == b"NEW":
+            flags = self.message.getFlags()
+            return RECENT in flags and "\\Seen" not in flags
+        if name in self._HEADER_KEYS:
+            return self._header(name.decode(), keys.pop(0))
+        if name == b"HEADER":
+            field = keys.pop(0).decode("ascii", "replace")
+            return self._header(field, keys.pop(0))
+        if name == b"BODY":
+            return self._text(keys) in self.message.getBodyFile().read().lower()
+        if name == b"TEXT":
+            return self._text(keys) in self.message.raw().lower()
+        if name in (b"KEYWORD", b"UNKEYWORD"):
+            keys.pop(0)
+            return name == b"UNKEYWORD"  # keywords are not kept
+        if name in (b"LARGER", b"SMALLER"):
+            size, limit = self.message.getSize(), int(keys.pop(0))
+            return size > limit if name == b"LARGER" else size < limit
+        if name in (b"BEFORE", b"ON", b"SINCE", b"SENTBEFORE", b"SENTON", b"SENTSINCE"):
+            limit = _search_date(keys.pop(0))
+            date = self._sent_date() if name.startswith(b"SENT") else self._internal_date()
+            if date is None:
+                return False
+            if name.endswith(b"BEFORE"):
+                return date < limit
+            return date == limit if name.endswith(b"ON") else date >= limit
+        if name == b"NOT":
+            return not self.one(keys)
+        if name == b"OR":
+            first, second = self.one(keys), self.one(keys)
+            return first or second
+        if name == b"UID":
+            return self.message.getUID() in imap4.parseIdList(keys.pop(0), self.last_uid)
+        if key[:1].isdigit() or key[:1] == b"*":
+            return self.seq in imap4.parseIdList(key, self.last_seq)
+        raise imap4.IllegalQueryError(f"unknown search key {key!r}")
 
 
 @implementer(imap4.IMailboxInfo)

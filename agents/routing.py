@@ -39,7 +39,8 @@ class Router:
             helo=self.helo, mail_from=item.mail_from, rcpt_tos=recipients, content=content,
             tls="none" if lmtp else "opportunistic", tls_hostname=host,
             ca_cert=self.ctx.home.ca_cert, lmtp=lmtp,
-            bind_address=self.domain.address, tracer=self.ctx.tracer,
+            bind_address=self.domain.address,
+            tracer=self.ctx.tracer.bind(queue_id=item.queue_id, message_id=item.message_id),
         )
 
     @defer.inlineCallbacks

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import ssl
 
 MIN_TLS = ssl.TLSVersion.TLSv1_2
@@ -17,10 +19,9 @@ MIN_TLS = ssl.TLSVersion.TLSv1_2
 def server_context(cert_pem: Path) -> ssl.CertificateOptions:
     """Server-side TLS options from a PEM file holding key and certificate."""
     pem = Path(cert_pem).read_bytes()
-    cert = ssl.PrivateCertificate.loadPEM(pem)
     return ssl.CertificateOptions(
-        privateKey=cert.privateKey.original,
-        certificate=cert.original,
+        privateKey=serialization.load_pem_private_key(pem, None),
+        certificate=x509.load_pem_x509_certificate(pem),
         raiseMinimumTo=MIN_TLS,
     )
 

@@ -49,11 +49,23 @@ class Tracer:
         self.agent, self.role, self.domain = agent, role, domain
         self.enabled = path is not None
         self._file = None
+        self._bound: dict[str, Any] = {}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Line buffering: each event reaches the file when it is written,
             # so a reader (a notebook, `mailpipe trace`) sees it at once.
             self._file = open(path, "a", buffering=1, encoding="utf-8")
+
+    def bind(self, **fields: Any) -> "Tracer":
+        """A tracer that adds ``fields`` (a queue id, a Message-ID) to every event.
+
+        The relay client gets one, so its connection events join the message
+        they carried.
+        """
+        bound = Tracer.__new__(Tracer)
+        bound.__dict__.update(self.__dict__)
+        bound._bound = {**self._bound, **{k: v for k, v in fields.items() if v is not None}}
+        return bound
 
     def new_connection_id(self) -> str:
         return f"{self.agent}/{os.getpid()}/{next(_conn_ids)}"
@@ -68,6 +80,8 @@ class Tracer:
             "domain": self.domain,
             "event": name,
         }
+        if self._bound:
+            record.update(self._bound)
         record.update({k: v for k, v in fields.items() if v is not None})
         self._file.write(json.dumps(record, default=str) + "\n")
 
