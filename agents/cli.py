@@ -149,6 +149,12 @@ def cmd_users(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(["--home", str(_lab(args).home.root), *args.rest])
+
+
 def cmd_demo(args) -> int:
     """Start a lab, send one message Alice -> Bob, read it back, show the hops, stop."""
     from .journey import format_hops, hops
@@ -227,6 +233,9 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_users)
     p = sub.add_parser("demo", help="one message end to end, with its hops")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("bench", help="measure throughput and latency end to end", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
     try:

@@ -30,7 +30,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from twisted.cred import portal as cred_portal
-from twisted.internet import interfaces, protocol
+from twisted.internet import defer, interfaces, protocol
 from twisted.mail import imap4
 from twisted.python import log
 from zope.interface import implementer
@@ -466,7 +466,6 @@ class MaildirMailbox:
             self._files[message_uid] = MessageFile(message_uid, file.key, path)
             changed[seq] = self.flags_of(message_uid)
         return changed
-
 
     def search(self, query, uid):
         """SEARCH (RFC 3501 6.4.4): the matching sequence numbers.
@@ -929,6 +928,30 @@ class IMAPServer(imap4.IMAP4Server):
         else:
             data = target.header_bytes()
         _w(part.__bytes__() + b" " + _literal(data))
+
+    def do_SEARCH(self, tag, charset, query, uid=0):
+        """SEARCH; answers ``* SEARCH`` with no trailing space when nothing matches.
+
+        (Twisted writes ``* SEARCH `` there, which RFC 3501 9 does not allow.)
+        """
+        d = defer.maybeDeferred(self.mbox.search, query, uid=uid)
+
+        def found(numbers):
+            if uid:
+                numbers = [self.mbox.getUID(seq) for seq in numbers]
+            self.sendUntaggedResponse(b"".join([b"SEARCH"] + [b" %d" % n for n in numbers]))
+            self.sendPositiveResponse(tag, b"SEARCH completed")
+
+        def failed(failure):
+            if failure.check(imap4.IllegalQueryError, ValueError, IndexError, KeyError):
+                self.sendBadResponse(tag, b"SEARCH failed: bad search program")
+            else:
+                log.err(failure, "SEARCH failed")
+                self.sendNegativeResponse(tag, b"SEARCH failed")
+
+        d.addCallbacks(found, failed)
+
+    select_SEARCH = (do_SEARCH, imap4.IMAP4Server.opt_charset, imap4.IMAP4Server.arg_searchkeys)
 
     # -- APPEND and COPY ------------------------------------------------------------
 

@@ -119,6 +119,22 @@ class MUA:
         return {"server": f"{host} ({address}:{self.config.ports[service]})", "recipients": recipients,
                 "accepted": all(200 <= r["code"] < 300 for r in recipients)}
 
+    @defer.inlineCallbacks
+    def submission_session(self, implicit_tls: bool = False):
+        """An open, authenticated submission session for sending many messages."""
+        from .smtpclient import open_session
+
+        host = self.domain.host("msa")
+        address = yield self._address_of(host)
+        service = "submissions" if implicit_tls else "submission"
+        session = yield open_session(
+            self.reactor, address, self.config.ports[service],
+            helo=f"mua.{self.domain.name}", tls="implicit" if implicit_tls else "starttls",
+            tls_hostname=host, ca_cert=self.home.ca_cert, username=self.user,
+            password=self.password, lmtp=False, bind_address=None, timeout=30, tracer=self.tracer,
+        )
+        return session
+
     # -- reading -----------------------------------------------------------
 
     @defer.inlineCallbacks

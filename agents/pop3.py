@@ -6,9 +6,9 @@ Twisted's ``POP3`` runs the command loop; this module adds what it lacks:
   the session as RFC 1939 asks: DELE only marks, QUIT deletes the files
   (the UPDATE state), a dropped connection deletes nothing;
 * RETR and TOP that byte-stuff the *whole* message. Twisted stuffs each
-  16 KiB chunk on its own and never the first line, so a line starting with
+  16 KiB chunk on its own and never the first line, so a line holding only
   ``.`` at offset 16384 ends the response early and the rest of the message
-  is read as replies (see ``docs``/notes, section 1.4);
+  is read as replies; it also turns CRLF into CR CR LF;
 * STLS: offered in CAPA before TLS only; text pipelined after it is dropped
   (it came in clear and may be injected); USER and PASS are refused until
   TLS is up when a TLS context is configured;

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import os
+import time
 from pathlib import Path
 
 from twisted.cred import credentials, error
@@ -107,8 +108,19 @@ class UserDBChecker:
 
     credentialInterfaces = (credentials.IUsernamePassword,)
 
-    def __init__(self, db: UserDB):
+    def __init__(self, db: UserDB, cache_ttl: float = 60.0, clock=time.monotonic):
         self.db = db
+        # Like Dovecot's auth cache: a client that logs in again within a
+        # minute with the same password skips the slow scrypt. The cache keeps
+        # an HMAC of the password under a key that lives only in this process,
+        # so it never holds a password, nor a hash that works elsewhere.
+        self.cache_ttl = cache_ttl
+        self._cache: dict[tuple[str, bytes], float] = {}
+        self._cache_key = os.urandom(32)
+        self._clock = clock
+
+    def _cache_id(self, username: str, password: str) -> tuple[str, bytes]:
+        return username.lower(), hmac.new(self._cache_key, password.encode(), "sha256").digest()
 
     def requestAvatarId(self, creds):
         username = creds.username
@@ -117,10 +129,16 @@ class UserDBChecker:
             username = username.decode("utf-8", "replace")
         if isinstance(password, bytes):
             password = password.decode("utf-8", "replace")
+        key = self._cache_id(username, password)
+        expires = self._cache.get(key)
+        if expires is not None and expires > self._clock():
+            return defer.succeed(username.lower())
         d = threads.deferToThread(self.db.check, username, password)
 
         def decide(ok: bool):
             if ok:
+                if self.cache_ttl > 0:
+                    self._cache[key] = self._clock() + self.cache_ttl
                 return username.lower()
             return defer.fail(error.UnauthorizedLogin("bad username or password"))
 

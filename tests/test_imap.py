@@ -233,6 +233,22 @@ def test_copy_and_append(client):
     assert b"FLAGS (\\Seen)" in client.send(b"f FETCH 2 (FLAGS)")
 
 
+def test_search(client):
+    client.deliver()
+    client.deliver(MESSAGE.replace(b"lunch", b"dinner").replace(b"<m1@", b"<m2@"))
+    client.login()
+    client.send(b"s SELECT INBOX")
+    client.send(b"st STORE 1 +FLAGS (\\Seen)")
+    assert b"* SEARCH 2\r\n" in client.send(b's SEARCH HEADER Message-ID "<m2@lab.test>"')
+    assert b"* SEARCH 1 2\r\n" in client.send(b"s SEARCH FROM bob ALL")
+    assert b"* SEARCH 2\r\n" in client.send(b"s SEARCH UNSEEN SUBJECT DINNER")
+    assert b"* SEARCH 1\r\n" in client.send(b"s SEARCH OR (SEEN) (SUBJECT nothing) NOT 2")
+    assert b"* SEARCH 1 2\r\n" in client.send(b"s SEARCH TEXT noon SINCE 1-Jan-2000")
+    assert b"* SEARCH 2\r\n" in client.send(b"s UID SEARCH UID 2:*")
+    assert client.send(b"s SEARCH BODY lunch") == b"* SEARCH\r\ns OK SEARCH completed\r\n"
+    assert client.send(b"s SEARCH FRUMP x").startswith(b"s BAD")
+
+
 def test_status_does_not_claim_recent(client):
     client.deliver()
     client.login()

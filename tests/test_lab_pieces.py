@@ -107,3 +107,30 @@ def test_hops_join_arrivals_across_agents():
     assert [(r["from"], r["to"]) for r in rows] == [
         ("mua", "msa.a"), ("msa.a", "mta.a"), ("mta.a", "mta.b"), ("mta.b", "mda.b"), ("mda.b", "mua")]
     assert rows[0]["ms"] == 4.0 and rows[-1]["via"] == "IMAP"
+
+
+def test_checker_caches_successful_logins_without_keeping_passwords(tmp_path, monkeypatch):
+    from twisted.cred.credentials import UsernamePassword
+    from twisted.internet import defer
+
+    from agents import users
+    from agents.users import UserDBChecker
+
+    monkeypatch.setattr(users.threads, "deferToThread", lambda f, *a: defer.maybeDeferred(f, *a))
+    db = UserDB(tmp_path / "users.json")
+    db.set_password("a@x.test", "pw")
+    now = [0.0]
+    checker = UserDBChecker(db, cache_ttl=60, clock=lambda: now[0])
+    calls = []
+    real_check = db.check
+    db.check = lambda u, p: calls.append(u) or real_check(u, p)
+    assert checker.requestAvatarId(UsernamePassword(b"a@x.test", b"pw")).result == "a@x.test"
+    assert checker.requestAvatarId(UsernamePassword(b"A@x.test", b"pw")).result == "a@x.test"
+    assert len(calls) == 1  # the second login came from the cache
+    wrong = checker.requestAvatarId(UsernamePassword(b"a@x.test", b"nope"))
+    wrong.addErrback(lambda f: f.trap(Exception) and None)
+    assert len(calls) == 2  # a wrong password is never served from the cache
+    assert b"pw" not in repr(checker._cache).encode()
+    now[0] = 61
+    checker.requestAvatarId(UsernamePassword(b"a@x.test", b"pw"))
+    assert len(calls) == 3  # expired

@@ -1,0 +1,260 @@
+"""``mailpipe bench``: how fast does mail move through the whole pipeline?
+
+The benchmark plays many MUAs at once. ``--concurrency`` submitters each keep
+one submission session open (STARTTLS and AUTH once, then one transaction per
+message, as a real client sending a batch does) and send their share of
+``--messages`` from alice@sender.test to bob@recipient.test. Meanwhile a
+reader sits in IMAP IDLE as Bob and notes the moment each message becomes
+visible to him. A message's *end-to-end latency* runs from the start of its
+submission to that moment; *throughput* is messages over the time from the
+first submission to the last arrival. The trace then says how long each hop
+took (see :mod:`agents.journey`).
+
+Speed is measured here, never asserted in tests: the numbers depend on the
+machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from twisted.internet import defer
+
+from .config import LabConfig
+from .home import LabHome
+from .journey import hops
+from .mua import MUA, compose, run_reactor
+from .trace import now_us, read_events
+
+
+@dataclass
+class BenchResult:
+    messages: int
+    concurrency: int
+    size: int
+    delivered: int
+    seconds: float
+    throughput: float  # messages per second, end to end
+    latency_ms: dict  # p50, p90, p99, max
+    hop_p50_ms: dict = field(default_factory=dict)
+    lost: list = field(default_factory=list)
+    samples: list = field(default_factory=list)  # (start_us, visible_us) per message
+
+    def table(self) -> str:
+        lat = self.latency_ms
+        lines = [
+            f"messages        {self.delivered}/{self.messages} delivered "
+            f"({self.concurrency} concurrent submitters, {self.size} bytes each)",
+            f"throughput      {self.throughput:8.1f} msg/s end to end ({self.seconds:.2f} s)",
+            f"latency (ms)    p50 {lat['p50']:7.1f}   p90 {lat['p90']:7.1f}   "
+            f"p99 {lat['p99']:7.1f}   max {lat['max']:7.1f}",
+        ]
+        if self.hop_p50_ms:
+            lines.append("per hop, p50 (ms):")
+            for hop, ms in self.hop_p50_ms.items():
+                lines.append(f"  {hop:<44} {ms:8.2f}")
+        if self.lost:
+            lines.append(f"LOST: {len(self.lost)} message(s) never became visible")
+        return "\n".join(lines)
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def make_body(size: int) -> str:
+    line = "The quick brown fox jumps over the lazy dog, again and again.\n"
+    return (line * (size // len(line) + 1))[:max(size, 1)]
+
+
+class Arrivals:
+    """Bob's IMAP session in IDLE: records when each benchmark message shows up."""
+
+    def __init__(self, client, wanted: set[str]):
+        self.client = client
+        self.wanted = wanted
+        self.visible: dict[str, int] = {}
+        self.seen_count = 0
+        self.progress = None
+
+    @defer.inlineCallbacks
+    def start(self):
+        info = yield self.client.select("INBOX")
+        self.seen_count = info.get("EXISTS", 0)
+
+    @defer.inlineCallbacks
+    def poll_new(self):
+        """Fetch the Message-ID of every message that arrived since the last look."""
+        status = yield self.client.status("INBOX", "MESSAGES")
+        total = int(status.get("MESSAGES", 0))
+        if total > self.seen_count:
+            now = now_us()
+            data = yield self.client.fetchSpecific(
+                f"{self.seen_count + 1}:{total}", headerType="HEADER.FIELDS",
+                headerArgs=["MESSAGE-ID"], peek=True,
+            )
+            for items in data.values():
+                raw = items[-1][-1] if items else b""
+                text = raw if isinstance(raw, str) else raw.decode("latin-1")
+                for line in text.splitlines():
+                    if line.lower().startswith("message-id:"):
+                        mid = line.split(":", 1)[1].strip()
+                        if mid in self.wanted and mid not in self.visible:
+                            self.visible[mid] = now
+                            if self.progress is not None:
+                                self.progress.update(1)
+            self.seen_count = total
+
+    @defer.inlineCallbacks
+    def wait_all(self, deadline: float):
+        while len(self.visible) < len(self.wanted) and time.monotonic() < deadline:
+            yield self.client.select("INBOX")  # re-select: a fresh view of the mailbox
+            yield self.poll_new()
+            if len(self.visible) >= len(self.wanted):
+                break
+            yield self.client.idle_until_news(min(1.0, max(0.05, deadline - time.monotonic())))
+
+
+@defer.inlineCallbacks
+def run_bench(reactor, home: LabHome, config: LabConfig, messages: int, concurrency: int,
+              size: int, timeout: float, show_progress: bool = True):
+    sender, rcpt = "alice@sender.test", "bob@recipient.test"
+    run_id = uuid.uuid4().hex[:8]
+    ids = [f"<bench-{run_id}-{i}@sender.test>" for i in range(messages)]
+    body = make_body(size)
+    reader_mua = MUA(reactor, home, config, rcpt)
+    client = yield reader_mua.imap_session()
+    arrivals = Arrivals(client, set(ids))
+    yield arrivals.start()
+    if show_progress:
+        from tqdm import tqdm
+
+        arrivals.progress = tqdm(total=messages, unit="msg", desc="delivered", file=sys.stderr)
+    starts: dict[str, int] = {}
+    todo = list(ids)
+    errors: list[str] = []
+
+    @defer.inlineCallbacks
+    def submitter():
+        mua = MUA(reactor, home, config, sender)
+        session = yield mua.submission_session()
+        try:
+            while todo:
+                mid = todo.pop(0)
+                content = compose(sender, [rcpt], f"bench {mid}", body, extra_headers={"Message-ID": mid})
+                starts[mid] = now_us()
+                try:
+                    yield session.send(sender, [rcpt], content)
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    errors.append(f"{mid}: {e}")
+        finally:
+            yield session.close()
+
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    submitters = defer.gatherResults([submitter() for _ in range(concurrency)], consumeErrors=True)
+    waiting = arrivals.wait_all(deadline)
+    yield submitters
+    yield waiting
+    if arrivals.progress is not None:
+        arrivals.progress.close()
+    try:
+        yield client.logout()
+    except Exception:
+        pass
+    samples = [(starts[m], arrivals.visible[m]) for m in ids if m in arrivals.visible and m in starts]
+    latencies = [(v - s) / 1000 for s, v in samples]
+    first = min((s for s, _ in samples), default=0)
+    last = max((v for _, v in samples), default=0)
+    seconds = (last - first) / 1e6 if samples else 0.0
+    return BenchResult(
+        messages=messages, concurrency=concurrency, size=size, delivered=len(samples),
+        seconds=seconds, throughput=len(samples) / seconds if seconds else 0.0,
+        latency_ms={"p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
+                    "p99": percentile(latencies, 99), "max": max(latencies, default=float("nan"))},
+        lost=[m for m in ids if m not in arrivals.visible] + errors,
+        samples=samples,
+    ), ids
+
+
+def hop_medians(trace_dir, message_ids: list[str]) -> dict[str, float]:
+    """The p50 duration of each hop over the benchmark's messages, from the trace."""
+    wanted = set(message_ids)
+    events = [e for e in read_events(trace_dir) if e.get("message_id") in wanted]
+    by_message: dict[str, list] = {}
+    for e in events:
+        by_message.setdefault(e["message_id"], []).append(e)
+    per_hop: dict[str, list[float]] = {}
+    for mid, evs in by_message.items():
+        for h in hops(evs, mid):
+            if h["to"] == "mua":
+                continue  # the benchmark's reader does not trace its fetches
+            per_hop.setdefault(f"{h['from']} -> {h['to']}", []).append(h["ms"])
+    return {hop: round(statistics.median(v), 3) for hop, v in per_hop.items()}
+
+
+def plot(result: BenchResult, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import plot_bench
+
+    fig = plot_bench(result)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mailpipe bench")
+    parser.add_argument("--home", default=None)
+    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--size", type=int, default=2048, help="body size in bytes")
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--json", metavar="FILE", help="write the figures as JSON ('-' for stdout)")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw latency and throughput plots")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    home = LabHome.at(args.home)
+    if not home.config_file.exists():
+        print(f"mailpipe bench: no lab in {home.root}; start one with 'mailpipe up --detach'", file=sys.stderr)
+        return 1
+    config = LabConfig.load(home.config_file)
+    outcome = run_reactor(lambda reactor: run_bench(
+        reactor, home, config, args.messages, args.concurrency, args.size, args.timeout,
+        show_progress=not args.no_progress))
+    if isinstance(outcome, BaseException):
+        print(f"mailpipe bench: {outcome}", file=sys.stderr)
+        return 1
+    result, ids = outcome
+    time.sleep(0.2)  # let the agents' last trace lines reach the files
+    result.hop_p50_ms = hop_medians(home.trace_dir, ids)
+    if args.json:
+        text = json.dumps(asdict(result), indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    if args.json != "-":
+        print(result.table())
+    if args.plot:
+        plot(result, args.plot)
+    return 0 if not result.lost else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
