@@ -101,3 +101,39 @@ def test_killed_mta_keeps_message_and_delivers_after_restart(tmp_path_factory):
         deferred = [e for e in lab.trace() if e["event"] == "deferred" and e["agent"] == "mta.sender.test"]
         assert deferred, "the sender's MTA should have deferred at least once"
     assert_no_agents_left(lab)
+
+
+def test_watch_prints_new_mail_as_it_arrives_via_idle(lab):
+    import os
+    import time
+
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "agents", "mua", "--home", str(lab.home.root), "watch", "bob@recipient.test",
+         "--count", "1", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        # Wait until the watcher is in IDLE (it says so on stderr) before sending.
+        assert "watching" in watcher.stderr.readline()
+        time.sleep(0.3)
+        sent = lab.send("alice@sender.test", "bob@recipient.test", "watched", "x\n")
+        out, _ = watcher.communicate(timeout=30)
+    finally:
+        watcher.kill()
+    shown = json.loads(out.strip().splitlines()[-1])
+    assert shown["message_id"] == sent["message_id"] and shown["subject"] == "watched"
+
+
+def test_cli_demo_runs_end_to_end(tmp_path):
+    from support import free_subnet
+    from agents.config import LabConfig
+
+    config = tmp_path / "lab.toml"
+    config.write_text(LabConfig.load(None).relocated(free_subnet()).to_toml())
+    out = subprocess.run([sys.executable, "-m", "agents.cli", "--home", str(tmp_path / "home"),
+                          "--config", str(config), "demo"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "arrived in Bob's INBOX" in out.stdout
+    for hop in ("mua -> msa.sender.test", "mta.sender.test -> mta.recipient.test", "mta.recipient.test -> mda.recipient.test"):
+        assert hop in out.stdout
+    assert "end to end" in out.stdout
