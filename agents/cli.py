@@ -20,11 +20,11 @@ import argparse
 import getpass
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 from .config import ConfigError
 from .lab import Lab, LabError
@@ -167,12 +167,16 @@ def cmd_demo(args) -> int:
     lab.up()
     try:
         print_status(lab.status())
-        print("\nAlice submits a message to bob@recipient.test ...")
+        message_id = f"<demo.{uuid.uuid4().hex[:12]}@sender.test>"
+        print("\nBob's mail client logs in over IMAP and waits (IDLE) ...")
+        waiter = lab.start_waiting("bob@recipient.test", message_id)
+        print("Alice submits a message to bob@recipient.test ...")
         sent = lab.send("alice@sender.test", "bob@recipient.test", "Hello from the demo",
-                        "Hi Bob,\n\nthis message went MUA -> MSA -> MTA -> MTA -> MDA.\n\nAlice\n")
-        print(f"  {sent['recipients'][0]['code']} {sent['recipients'][0]['text']}  ({sent['message_id']})")
-        print("Bob waits for it over IMAP ...")
-        msg = lab.wait_for("bob@recipient.test", sent["message_id"])
+                        "Hi Bob,\n\nthis message went MUA -> MSA -> MTA -> MTA -> MDA.\n\nAlice\n",
+                        message_id=message_id)
+        r = sent["recipients"][0]
+        print(f"  {r['code']} {r['status']} {r['text']}  ({sent['message_id']})")
+        msg = waiter.result()
         print(f"  arrived in Bob's INBOX: {msg['subject']!r} from {msg['from']}\n")
         print("Received: header fields, newest first (each hop adds one):")
         for r in msg["received"]:

@@ -8,6 +8,7 @@ byte, which is what keeps DKIM signatures valid across hops (RFC 6376 5.4).
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import re
 import time
@@ -63,7 +64,12 @@ def safe_token(value: str | bytes, limit: int = 255) -> str:
 
 
 def rfc5322_date(when: float | None = None) -> str:
-    return email.utils.formatdate(when if when is not None else time.time(), localtime=False)
+    """A date-time as RFC 5322 3.3 writes it, in UTC with a ``+0000`` zone.
+
+    (``-0000`` would mean "zone unknown", which is not the case.)
+    """
+    moment = datetime.datetime.fromtimestamp(when if when is not None else time.time(), datetime.timezone.utc)
+    return email.utils.format_datetime(moment)
 
 
 def received_field(

@@ -49,6 +49,22 @@ def _alive(pid: int) -> bool:
         return True
 
 
+class Waiter:
+    """A MUA process waiting for one message (see :meth:`Lab.start_waiting`)."""
+
+    def __init__(self, proc: subprocess.Popen, timeout: float):
+        self.proc, self.timeout = proc, timeout
+
+    def result(self) -> dict:
+        try:
+            out, err = self.proc.communicate(timeout=self.timeout + 30)
+        finally:
+            self.proc.kill()
+        if self.proc.returncode != 0:
+            raise LabError(f"mua wait failed: {err.strip().splitlines()[-1:] or ['?']}")
+        return json.loads(out.strip().splitlines()[-1])["message"]
+
+
 class Lab:
     """One lab: a home directory and the config it runs.
 
@@ -244,6 +260,22 @@ class Lab:
         """Wait (over IMAP) until ``message_id`` is in ``user``'s folder; returns it."""
         return self.mua("wait", user, "--message-id", message_id, "--folder", folder,
                         "--timeout", str(timeout), timeout=timeout + 30)["message"]
+
+    def start_waiting(self, user: str, message_id: str, timeout: float = 20.0, folder: str = "INBOX"):
+        """Start a MUA that waits in IMAP IDLE for ``message_id``; returns a :class:`Waiter`.
+
+        Start it *before* sending, and the last hop measures how fast IDLE
+        tells the reader, not how fast a new process starts.
+        """
+        cmd = [sys.executable, "-m", "agents", "mua", "--home", str(self.home.root), "wait", user,
+               "--message-id", message_id, "--folder", folder, "--timeout", str(timeout), "--json"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self._agent_env())
+        line = proc.stderr.readline()  # "waiting for ... in IDLE", or an error
+        if "waiting" not in line:
+            proc.kill()
+            raise LabError(f"mua wait failed: {line.strip() or proc.stderr.read().strip()}")
+        return Waiter(proc, timeout)
 
     def trace(self):
         """All trace events of this lab (see :mod:`agents.trace`)."""

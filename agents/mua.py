@@ -182,12 +182,16 @@ class MUA:
         """Wait in IMAP IDLE until a message with ``message_id`` is in ``folder``."""
         client = yield self.imap_session()
         deadline = time.monotonic() + timeout
+        announced = False
         try:
             while True:
                 messages = yield self._fetch_all(client, folder)
                 for m in messages:
                     if m["message_id"] == message_id:
                         return m
+                if not announced:
+                    announced = True
+                    print(f"waiting for {message_id} in IDLE", file=sys.stderr, flush=True)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise MUAError(f"{message_id} did not arrive in {timeout:.0f} s")
@@ -321,6 +325,7 @@ def main(argv: list[str]) -> int:
     p_send.add_argument("--password")
     p_send.add_argument("--header-from", help="a From: header other than the sender (for the spoofing lesson)")
     p_send.add_argument("--implicit-tls", action="store_true", help="use port 465 (RFC 8314) instead of 587")
+    p_send.add_argument("--message-id", help="the Message-ID to use (default: a new one)")
     for name in ("fetch", "wait", "watch"):
         p = sub.add_parser(name)
         p.add_argument("user")
@@ -344,7 +349,8 @@ def main(argv: list[str]) -> int:
         if args.command == "send":
             mua = MUA(reactor, home, config, args.sender, args.password)
             content = compose(args.sender, args.to, args.subject, args.body, from_header=args.header_from,
-                              extra_headers={"Message-ID": f"<{time.time_ns():x}.mua@{mua.domain.name}>"})
+                              extra_headers={"Message-ID": args.message_id
+                                             or f"<{time.time_ns():x}.mua@{mua.domain.name}>"})
             from .headers import get_header
 
             message_id = get_header(content, "Message-ID")
