@@ -189,6 +189,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+#: Modules that add their own subcommands: each has ``register(subparsers)``,
+#: and each command function gets the parsed ``args`` (with ``home``, ``config``).
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mailpipe", description="a mail pipeline on one laptop")
     parser.add_argument("--home", default=None, help="lab home (default $MAILPIPE_HOME or ~/.mailpipe/lab)")
@@ -240,6 +245,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="measure throughput and latency end to end", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
+
+    for module in COMMAND_MODULES:
+        __import__(f"agents.{module}", fromlist=["register"]).register(sub)
 
     args = parser.parse_args(argv)
     try:

@@ -32,6 +32,7 @@ STANDARD_PORTS = {
     "imap": 143,
     "imaps": 993,
     "pop3": 110,
+    "pop3s": 995,
 }
 
 #: Which services each role offers.
@@ -39,7 +40,7 @@ ROLE_SERVICES = {
     "dns": ("dns",),
     "msa": ("submission", "submissions"),
     "mta": ("smtp",),
-    "mda": ("lmtp", "imap", "imaps", "pop3"),
+    "mda": ("lmtp", "imap", "imaps", "pop3", "pop3s"),
 }
 
 #: Which host name (see the module docstring) each role answers to.
@@ -58,6 +59,9 @@ class Domain:
     address: str
     #: False for a domain that only sends (it still gets an MTA and DNS records).
     has_mailboxes: bool = True
+    #: Any other keys of the domain's ``[[domain]]`` table (DMARC policy, extra
+    #: MX hosts...), for the modules that use them.
+    options: dict = field(default_factory=dict, compare=False, hash=False)
 
     def host(self, role: str) -> str:
         """The DNS name of this domain's agent with the given role."""
@@ -108,6 +112,9 @@ class LabConfig:
     max_message_size: int = 10 * 1024 * 1024
     max_recipients: int = 100
     trace: bool = True
+    #: Other top-level tables (``[security]``, ``[queue]``, ``[hooks]``...),
+    #: read by the module they belong to through :meth:`section`.
+    sections: dict = field(default_factory=dict, compare=False, hash=False)
     source: str = "<default>"
 
     # -- loading -----------------------------------------------------------
@@ -140,7 +147,12 @@ class LabConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown service(s) in [ports]: {sorted(unknown)}")
         domains = tuple(
-            Domain(d["name"].lower(), d["address"], d.get("has_mailboxes", True))
+            Domain(
+                d["name"].lower(),
+                d["address"],
+                d.get("has_mailboxes", True),
+                {k: v for k, v in d.items() if k not in ("name", "address", "has_mailboxes")},
+            )
             for d in data.get("domain", [])
         )
         users = tuple(User(u["address"], u["password"]) for u in data.get("user", []))
@@ -156,6 +168,7 @@ class LabConfig:
             max_message_size=int(lab.get("max_message_size", 10 * 1024 * 1024)),
             max_recipients=int(lab.get("max_recipients", 100)),
             trace=bool(lab.get("trace", True)),
+            sections={k: v for k, v in data.items() if k not in ("lab", "ports", "domain", "user")},
             source=source,
         )
         config.validate()
@@ -185,6 +198,10 @@ class LabConfig:
                 )
 
     # -- questions agents ask ----------------------------------------------
+
+    def section(self, name: str) -> dict:
+        """The raw ``[name]`` table of the config (empty if absent)."""
+        return dict(self.sections.get(name, {}))
 
     def domain(self, name: str) -> Domain:
         name = name.lower()
@@ -261,6 +278,25 @@ class LabConfig:
             lines += ["", "[[domain]]", f'name = "{d.name}"', f'address = "{d.address}"']
             if not d.has_mailboxes:
                 lines.append("has_mailboxes = false")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in d.options.items()]
         for u in self.users:
             lines += ["", "[[user]]", f'address = "{u.address}"', f'password = "{u.password}"']
+        for name, table in self.sections.items():
+            lines += ["", f"[{name}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
         return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    """A TOML literal for the simple values a lab config holds."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"cannot write {value!r} to TOML")

@@ -7,7 +7,7 @@ does not hold up the others. Each message is written to the user's Maildir
 (tmp -> fsync -> rename into new), and only then acknowledged.
 
 Users read their mail over IMAP4rev1 (RFC 3501; STARTTLS, and implicit TLS on
-imaps, RFC 8314) and POP3 (RFC 1939, STLS, RFC 2595). A user in IMAP IDLE
+imaps, RFC 8314) and POP3 (RFC 1939; STLS, RFC 2595, and pop3s). A user in IMAP IDLE
 (RFC 2177) hears about a delivery the moment it is stored.
 """
 
@@ -95,3 +95,4 @@ def build(ctx) -> None:
     ctx.listen_tcp("imap", make_imap_factory(store, checker, tls, tracer=ctx.tracer))
     ctx.listen_ssl("imaps", make_imap_factory(store, checker, tls, implicit_tls=True, tracer=ctx.tracer), tls)
     ctx.listen_tcp("pop3", make_pop3_factory(store, checker, tls, tracer=ctx.tracer))
+    ctx.listen_ssl("pop3s", make_pop3_factory(store, checker, tls, implicit_tls=True, tracer=ctx.tracer), tls)

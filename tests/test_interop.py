@@ -163,3 +163,22 @@ def test_curl_smtp_imap_pop3(lab, tmp_path):
         check=True, capture_output=True, text=True, timeout=60,
     ).stdout
     assert pop_list.strip(), "POP3 LIST should show at least one message"
+
+
+def test_poplib_over_implicit_tls_pop3s(lab):
+    host, port = lab.endpoint("recipient.test", "pop3s")
+    pop = poplib.POP3_SSL(host, port, context=tls_context(lab), timeout=10)
+    try:
+        pop.user("bob@recipient.test")
+        pop.pass_("bob-secret")
+        assert pop.stat()[0] >= 0
+    finally:
+        pop.quit()
+
+
+def test_imaplib_over_implicit_tls_imaps(lab):
+    host, port = lab.endpoint("recipient.test", "imaps")
+    with imaplib.IMAP4_SSL(host, port, ssl_context=tls_context(lab)) as imap:
+        assert "LOGINDISABLED" not in imap.capabilities
+        imap.login("bob@recipient.test", "bob-secret")
+        assert imap.select("INBOX")[0] == "OK"
