@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
+import time
 
 from agents.config import LabConfig
 from agents.lab import Lab
@@ -18,12 +20,23 @@ def free_subnet() -> int:
     Each test lab lives at 127.N.x.y with the standard lab ports, so it never
     collides with a lab a student left running (127.0.x.y) or another test's.
     """
-    rng = random.Random(os.getpid())
+    rng = random.Random(os.getpid() ^ time.time_ns())
     while True:
         n = rng.randint(100, 250)
-        if n not in _used_subnets:
+        if n not in _used_subnets and _looks_free(n):
             _used_subnets.add(n)
             return n
+
+
+def _looks_free(n: int) -> bool:
+    """Is nobody listening on this subnet's DNS and SMTP ports right now?"""
+    for address, port in ((f"127.{n}.0.1", 1053), (f"127.{n}.1.1", 1025), (f"127.{n}.2.1", 1025)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((address, port))
+            except OSError:
+                return False
+    return True
 
 
 def make_lab(tmp_path_factory, **overrides) -> Lab:
