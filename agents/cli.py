@@ -7,6 +7,7 @@
     mailpipe fetch USER           list USER's inbox over IMAP
     mailpipe watch USER           print new mail as it arrives (IMAP IDLE)
     mailpipe demo                 one message end to end, with its hops
+    mailpipe trace MESSAGE_ID     every hop of one message, timed (--json: the events)
     mailpipe users add|passwd|list|remove
     mailpipe kill AGENT | start AGENT
 
@@ -155,6 +156,19 @@ def cmd_bench(args) -> int:
     return bench_main(["--home", str(_lab(args).home.root), *args.rest])
 
 
+def cmd_trace(args) -> int:
+    """Join the lab's trace for one message and show its hops as a waterfall."""
+    from .traceview import journey, load_events, text_waterfall
+
+    lab = _lab(args)
+    trip = journey(load_events(lab.home.trace_dir), args.message_id)
+    if not trip.hops:
+        print(f"mailpipe trace: no hops for {trip.message_id} in {lab.home.trace_dir}", file=sys.stderr)
+        return 1
+    print(json.dumps(trip.to_dict(), indent=1) if args.json else text_waterfall(trip))
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Start a lab, send one message Alice -> Bob, read it back, show the hops, stop."""
     from .journey import format_hops, hops
@@ -242,6 +256,10 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_users)
     p = sub.add_parser("demo", help="one message end to end, with its hops")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("trace", help="every hop of one message, traced and timed")
+    p.add_argument("message_id", help="the Message-ID, with or without <>")
+    p.add_argument("--json", action="store_true", help="the hops and every joined event, as JSON")
+    p.set_defaults(func=cmd_trace)
     p = sub.add_parser("bench", help="measure throughput and latency end to end", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)

@@ -64,7 +64,7 @@ class LocalDeliveryPolicy(SMTPHandler):
 
         def stored(name):
             self.ctx.tracer.event("stored", queue_id=queue_id, rcpt=rcpt, maildir_file=name,
-                                  message_id=message_id)
+                                  message_id=message_id, conn=session.conn_id)
             return Reply(250, "2.0.0", f"<{rcpt}> delivered as {queue_id}")
 
         def failed(f):

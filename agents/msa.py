@@ -61,7 +61,7 @@ class SubmissionPolicy(SMTPHandler):
             recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None,
         )
         d = self.queue.accept(envelope.mail_from, envelope.rcpt_tos, received + content,
-                              message_id=message_id, queue_id=queue_id)
+                              message_id=message_id, queue_id=queue_id, conn=session.conn_id)
         d.addCallback(lambda qid: Reply(250, "2.0.0", f"Ok: queued as {qid}"))
         return d
 

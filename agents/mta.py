@@ -69,7 +69,7 @@ class TransferPolicy(SMTPHandler):
         )
         message_id = get_header(envelope.content, "Message-ID")
         d = self.queue.accept(envelope.mail_from, envelope.rcpt_tos, received + envelope.content,
-                              message_id=message_id, queue_id=queue_id)
+                              message_id=message_id, queue_id=queue_id, conn=session.conn_id)
         d.addCallback(lambda qid: Reply(250, "2.0.0", f"Ok: queued as {qid}"))
         return d
 

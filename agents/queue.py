@@ -109,15 +109,20 @@ class DeliveryQueue:
     # -- accepting ---------------------------------------------------------
 
     def accept(self, mail_from: str, recipients: list[str], content: bytes,
-               message_id: str | None = None, queue_id: str | None = None):
-        """Spool a message durably; fires with its queue id once it is on disk."""
+               message_id: str | None = None, queue_id: str | None = None, conn: str | None = None):
+        """Spool a message durably; fires with its queue id once it is on disk.
+
+        ``conn`` is the id of the SMTP connection the message came in on: the
+        ``spooled`` event carries it, so a trace reader can join the message
+        to that connection's transcript (see :mod:`agents.traceview`).
+        """
         item = QueuedMessage(queue_id or new_queue_id(), mail_from, list(recipients), message_id)
         d = self._blocking(self.spool.store, item, content)
 
         def stored(_):
             self.tracer.event(
                 "spooled", queue_id=item.queue_id, message_id=message_id,
-                bytes=len(content), rcpts=len(recipients),
+                bytes=len(content), rcpts=len(recipients), conn=conn,
             )
             self.items[item.queue_id] = item
             # Deliver right away, from memory: no need to read the spool back.

@@ -10,6 +10,13 @@ Three routes exist in the lab, each found through the lab DNS:
 
 Every route connects *from* the agent's own domain address, so the receiver
 sees the client address that the sender's SPF record names (RFC 7208).
+
+Connections are reused between messages (:class:`~agents.smtpclient.ConnectionCache`):
+a burst of mail to one next hop pays for one TCP and TLS handshake, not one
+per message (RFC 5321 3.3 allows many transactions per session). Each
+message's relay events still carry its queue id and Message-ID; the events of
+the connection itself (``relay.connected``, ``tls.*``, ``relay.cache.*``)
+carry the ``conn`` id that joins them to the messages it carried.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from twisted.internet import defer
 
 from .queue import Outcome
 from .resolver import LookupFailed
-from .smtpclient import SMTPDeliveryError, send
+from .smtpclient import ConnectionCache, SMTPDeliveryError
+
+#: How long the agent waits, at shutdown, for its idle connections to say QUIT.
+SHUTDOWN_GRACE = 2.0
 
 
 def outcomes(result) -> list[Outcome]:
@@ -32,10 +42,19 @@ class Router:
         self.domain = ctx.domain
         self.resolver = ctx.resolver()
         self.helo = self.domain.host(ctx.spec.role)
+        self.cache = ConnectionCache(ctx.reactor, tracer=ctx.tracer)
+        ctx.reactor.addSystemEventTrigger("before", "shutdown", self.close_connections)
+
+    def close_connections(self):
+        """QUIT every cached connection (RFC 5321 4.1.1.10), but do not let
+        a silent next hop hold up our shutdown for long."""
+        d = self.cache.close_all()
+        d.addTimeout(SHUTDOWN_GRACE, self.ctx.reactor)  # then drop what is left
+        return d.addErrback(lambda _: None)
 
     def _send(self, address: str, port: int, host: str, item, recipients, content, *, lmtp=False):
-        return send(
-            self.ctx.reactor, address, port,
+        return self.cache.send(
+            address, port,
             helo=self.helo, mail_from=item.mail_from, rcpt_tos=recipients, content=content,
             tls="none" if lmtp else "opportunistic", tls_hostname=host,
             ca_cert=self.ctx.home.ca_cert, lmtp=lmtp,

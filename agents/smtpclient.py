@@ -1,10 +1,23 @@
-# -*- test-case-name: tests.test_smtpclient -*-
-"""Hand one message to the next hop over SMTP or LMTP.
+# -*- test-case-name: tests.test_smtpclient,tests.test_connection_cache -*-
+"""Hand messages to the next hop over SMTP or LMTP.
 
-Every hop in the lab that passes mail on uses :func:`send`: the MUA submits
+Every hop in the lab that passes mail on uses this module: the MUA submits
 to the MSA (RFC 6409, with STARTTLS or implicit TLS and AUTH), the MSA and
 MTAs relay over SMTP (RFC 5321, opportunistic STARTTLS), and the MTA hands
 mail to the MDA over LMTP (RFC 2033).
+
+There are three levels:
+
+* :func:`send` delivers one message on a connection of its own: connect,
+  greeting, EHLO, STARTTLS, EHLO again, AUTH, one transaction, QUIT.
+* :func:`open_session` does everything up to the transaction and gives back
+  a :class:`ClientSession`, which can then carry many transactions (MAIL,
+  RCPT..., DATA) one after the other. RFC 5321 3.3 allows this: once the
+  reply to the end of the data (or to RSET) is in, the client may start
+  the next MAIL on the same connection. The setup -- a TCP handshake, two
+  EHLOs and, above all, a TLS handshake -- is paid once, not per message.
+* :class:`ConnectionCache` keeps idle sessions per destination and hands
+  them out again, as Postfix does with its ``scache`` service.
 
 The protocol class builds on Twisted's :class:`twisted.mail.smtp.ESMTPClient`,
 which already parses replies (multi-line, RFC 5321 4.2.1), reads EHLO
@@ -18,14 +31,20 @@ where Twisted is wrong or silent:
 * LMTP (``LHLO``, one reply per recipient after the data);
 * per-recipient results, enhanced status codes (RFC 3463), ``SIZE``,
   ``BODY=8BITMIME``, ``SMTPUTF8`` and the null sender ``<>``;
+* command pipelining (RFC 2920) when the server offers it;
+* several transactions per connection, with RSET after a failed one;
 * credentials are only ever sent over TLS, and never reach the trace.
 """
 
 from __future__ import annotations
 
+import enum
 import re
+from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -48,8 +67,6 @@ from agents.trace import NULL_TRACER, Tracer, now_us
 
 TLS_MODES = ("starttls", "implicit", "opportunistic", "none")
 
-
-# --- Results and errors -----------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -75,14 +92,20 @@ class RecipientResult:
 @dataclass
 class SendResult:
     """What happened to one message. ``timings`` holds microsecond wall-clock
-    stamps (``start``, ``connected``, ``tls``, ``done``) so a notebook can
-    line this hop up with the trace of the next one."""
+    stamps so a notebook can line this hop up with the trace of the next
+    one: ``start`` (the transaction was asked for; for :func:`send`, before
+    connecting), ``connected`` and ``tls`` (when the connection that carried
+    it was made and secured -- earlier than ``start`` when it was reused),
+    ``ready`` (its setup -- EHLO, STARTTLS, AUTH -- was over) and ``done``. ``conn`` is the connection's id in the trace; ``count``
+    says which transaction on that connection this was (1: the first)."""
 
     recipients: list[RecipientResult]
     greeting: str = ""  # the server's 220 text, e.g. "mx.b.test ESMTP"
     tls: bool = False
     extensions: dict[str, str] = field(default_factory=dict)
     timings: dict[str, int] = field(default_factory=dict)
+    conn: str = ""
+    count: int = 1
 
     @property
     def server(self) -> str:
@@ -200,23 +223,84 @@ def _envelope_address(address: str) -> bytes:
     return address.encode("utf-8")
 
 
+
+# --- Checked, encoded arguments -----------------------------------------------------
+
+
 @dataclass(frozen=True)
-class _Request:
-    """One delivery job, checked and encoded before we connect."""
+class _SessionOptions:
+    """How to open and set up one connection, checked before we connect."""
 
     helo: bytes
-    mail_from: bytes
-    rcpt_tos: tuple[str, ...]
-    payload: bytes  # what follows 354, from encode_data()
-    size: int  # RFC 1870: octets with CRLFs, without stuffing or final dot
-    eight_bit: bool
-    smtputf8: bool  # a non-ASCII address needs SMTPUTF8 (RFC 6531 3.4)
     tls: str
     tls_context: object | None
     username: bytes | None
     password: bytes | None
     lmtp: bool
     timeout: float
+
+
+@dataclass(frozen=True)
+class _Message:
+    """One transaction's envelope and content, checked and encoded."""
+
+    mail_from: bytes
+    rcpt_tos: tuple[str, ...]
+    payload: bytes  # what follows 354, from encode_data()
+    size: int  # RFC 1870: octets with CRLFs, without stuffing or final dot
+    eight_bit: bool
+    smtputf8: bool  # a non-ASCII address needs SMTPUTF8 (RFC 6531 3.4)
+
+
+def _check_connection_arguments(tls, ca_cert, username, password) -> None:
+    if tls not in TLS_MODES:
+        raise ValueError(f"tls must be one of {TLS_MODES}, not {tls!r}")
+    if (username is None) != (password is None):
+        raise ValueError("give both username and password, or neither")
+    if username is not None and tls == "none":
+        raise ValueError("credentials need TLS; tls='none' would send them in clear")
+    if tls != "none" and ca_cert is None:
+        raise ValueError("ca_cert is needed: TLS peers are verified against the lab CA")
+
+
+def _session_options(
+    host, *, helo, tls, tls_hostname, ca_cert, username, password, lmtp, timeout
+) -> _SessionOptions:
+    _check_connection_arguments(tls, ca_cert, username, password)
+    tls_context = None
+    if tls != "none":
+        tls_context = client_context(Path(ca_cert), tls_hostname or host)
+    return _SessionOptions(
+        helo=helo.encode("ascii"),
+        tls=tls,
+        tls_context=tls_context,
+        username=username.encode("utf-8") if username is not None else None,
+        password=password.encode("utf-8") if password is not None else None,
+        lmtp=lmtp,
+        timeout=timeout,
+    )
+
+
+def _check_envelope(mail_from: str, rcpt_tos, content) -> None:
+    if not isinstance(content, bytes):
+        raise TypeError("content must be bytes")
+    if not rcpt_tos:
+        raise ValueError("at least one recipient is needed")
+    for address in [mail_from, *rcpt_tos]:
+        _envelope_address(address)
+
+
+def _message(mail_from: str, rcpt_tos, content: bytes) -> _Message:
+    _check_envelope(mail_from, rcpt_tos, content)
+    normalized = normalize_line_breaks(content)
+    return _Message(
+        mail_from=_envelope_address(mail_from),
+        rcpt_tos=tuple(rcpt_tos),
+        payload=encode_data(content),
+        size=len(normalized),
+        eight_bit=any(b > 127 for b in normalized),
+        smtputf8=not all(a.isascii() for a in [mail_from, *rcpt_tos]),
+    )
 
 
 # --- The protocol ---------------------------------------------------------------
@@ -240,15 +324,66 @@ class PlainAuthenticator:
         return b"\0" + self.user + b"\0" + secret
 
 
-@implementer(IHandshakeListener)
-class DeliveryClient(smtp.ESMTPClient):
-    """One SMTP or LMTP session that delivers one message, then QUITs.
+class Phase(enum.Enum):
+    """Where a connection is in its life."""
 
-    Twisted drives the session as a state machine: each command we send
+    OPENING = "opening"  # greeting, EHLO, STARTTLS, AUTH
+    IDLE = "idle"  # ready for MAIL; no command outstanding
+    TRANSACTION = "transaction"  # MAIL ... end of data
+    CLOSING = "closing"  # QUIT sent, or the connection is being dropped
+    CLOSED = "closed"  # the connection is gone
+
+
+@dataclass
+class _Command:
+    """A command whose reply we wait for, and what to do with that reply.
+
+    ``line`` is None for the replies to the message data: nothing more is
+    sent for them, but they are waited for like any other.
+    """
+
+    verb: str
+    line: bytes | None
+    on_reply: Callable[[int, bytes], None]
+
+
+@dataclass
+class _Transaction:
+    """The state of the one mail transaction in progress on a connection."""
+
+    message: _Message
+    tracer: Tracer
+    result: defer.Deferred
+    number: int  # 1 for the connection's first transaction, 2 for the next...
+    started: int
+    replies: list[RecipientResult] = field(default_factory=list)  # one per rcpt, in order
+    accepted: list[int] = field(default_factory=list)  # indexes into replies, RCPT accepted
+    awaiting_lmtp: list[int] = field(default_factory=list)  # accepted, still without a verdict
+    refusal: SMTPDeliveryError | None = None  # MAIL was refused
+    data_sent: bool = False
+
+
+@implementer(IHandshakeListener)
+class SessionProtocol(smtp.ESMTPClient):
+    """One SMTP or LMTP connection, from greeting to QUIT.
+
+    Twisted drives the setup as a state machine: each command we send
     sets ``_expected`` (the good reply codes), ``_okresponse`` and
     ``_failresponse`` (what to call next). The methods named ``smtpState_*``,
     ``esmtpState_*``, ``tryTLS`` and ``authenticate`` are Twisted's states,
-    overridden; ``_on_*`` are ours.
+    overridden; ``_on_*`` are ours. Twisted's setup ends in
+    ``smtpState_from``, where it would send MAIL; we stop there instead and
+    fire ``opened``: the connection is :attr:`Phase.IDLE`, and each call of
+    :meth:`start_transaction` runs one mail transaction on it.
+
+    Transactions keep a queue of :class:`_Command` whose replies are due.
+    Without PIPELINING we send one command and wait for its reply before
+    the next (RFC 5321 lock step); with it, MAIL and every RCPT go out in
+    one write and the replies come back in the same order (RFC 2920 3.1).
+
+    Trace events about the connection go to the session's tracer; the lines
+    and events of a transaction go to the tracer given for that transaction,
+    so they carry its queue id and Message-ID.
     """
 
     #: Twisted's in-memory session log would keep AUTH secrets; we trace instead.
@@ -256,37 +391,53 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def __init__(
         self,
-        request: _Request,
-        result: defer.Deferred,
+        options: _SessionOptions,
+        opened: defer.Deferred,
         clock,
         tracer: Tracer = NULL_TRACER,
         started: int | None = None,
     ):
-        starttls_context = request.tls_context if request.tls != "implicit" else None
-        super().__init__(request.password, starttls_context, request.helo)
-        self.request, self.result, self.clock, self.tracer = request, result, clock, tracer
-        self.timeout = request.timeout
-        self.requireAuthentication = request.username is not None
-        if request.username is not None:
-            self.registerAuthenticator(PlainAuthenticator(request.username))
-            self.registerAuthenticator(smtp.LOGINAuthenticator(request.username))
+        starttls_context = options.tls_context if options.tls != "implicit" else None
+        super().__init__(options.password, starttls_context, options.helo)
+        self.options, self.opened, self.clock, self.tracer = options, opened, clock, tracer
+        self.timeout = options.timeout
+        self.requireAuthentication = options.username is not None
+        if options.username is not None:
+            self.registerAuthenticator(PlainAuthenticator(options.username))
+            self.registerAuthenticator(smtp.LOGINAuthenticator(options.username))
         self.conn_id = tracer.new_connection_id()
         self.peer: str | None = None
         self.greeting = ""
         self.extensions: dict[bytes, bytes] = {}
-        self.replies: list[RecipientResult] = []  # one per rcpt_tos entry, in order
-        self.accepted: list[int] = []  # indexes into replies, RCPT accepted
-        self.awaiting_lmtp: list[int] = []  # accepted recipients still without a reply
         self.timings = {"start": started or now_us()}
+        self.phase = Phase.OPENING
         self.stage = "connect"  # the command whose reply we wait for
-        self.data_sent = False
         self.sasl_active = False
+        self.transactions = 0  # how many were started on this connection
+        self.needs_reset = False  # send RSET before the next MAIL
+        self.tx: _Transaction | None = None
+        self.unsent: deque[_Command] = deque()  # lock step: still to send
+        self.awaiting: deque[_Command] = deque()  # sent, reply not yet read
+        self.then: Callable[[], None] | None = None  # when both queues are empty
+        self._closed_waiters: list[defer.Deferred] = []
 
-    # Plumbing: time, tracing, settling the result.
+    # Plumbing: time, tracing, state.
 
     def callLater(self, period, func):
         """TimeoutMixin's clock: the reactor we were given (a Clock in tests)."""
         return self.clock.callLater(period, func)
+
+    @property
+    def usable(self) -> bool:
+        """Ready for MAIL now, or once the transaction in progress ends."""
+        return self.connected and self.phase in (Phase.IDLE, Phase.TRANSACTION)
+
+    @property
+    def pipelining(self) -> bool:
+        return b"PIPELINING" in self.extensions
+
+    def _line_tracer(self) -> Tracer:
+        return self.tx.tracer if self.tx is not None else self.tracer
 
     def sendLine(self, line: bytes) -> None:
         if self.sasl_active and not line.upper().startswith(b"AUTH "):
@@ -294,71 +445,69 @@ class DeliveryClient(smtp.ESMTPClient):
         else:
             shown = line  # Tracer.line masks the argument of "AUTH PLAIN ..."
             self.stage = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
-        self.tracer.line(self.conn_id, "C", shown, peer=self.peer)
+        self._line_tracer().line(self.conn_id, "C", shown, peer=self.peer)
         super().sendLine(line)
 
     def lineReceived(self, line: bytes):
-        self.tracer.line(self.conn_id, "S", line, peer=self.peer)
+        tracer = self._line_tracer()
+        tracer.line(self.conn_id, "S", line, peer=self.peer)
         if line[:3].isdigit() and line[3:4] != b"-":
-            self.tracer.event("relay.reply", conn=self.conn_id, code=int(line[:3]))
+            tracer.event("relay.reply", conn=self.conn_id, code=int(line[:3]))
         return super().lineReceived(line)
 
     def _reply(self, code: int, resp: bytes) -> tuple[str, str]:
         return parse_status(code, resp.decode("utf-8", "replace"))
 
-    def _fail(self, error: SMTPDeliveryError, polite: bool = True) -> None:
-        """End the session with a whole-transaction failure.
+    def _listen(self, handler: Callable[[int, bytes], None]) -> None:
+        """Send every reply, whatever its code, to ``handler``."""
+        self._expected = range(0, 1000)
+        self._okresponse = self._failresponse = handler
 
-        ``polite``: the server is still in step with us, so say QUIT
-        (RFC 5321 4.1.1.10); otherwise just drop the connection.
-        """
-        if self.result.called:
-            return
+    def _close_now(self, polite: bool) -> None:
+        """End the connection: QUIT if the server is still in step with us
+        (RFC 5321 4.1.1.10), else just drop it."""
+        self.phase = Phase.CLOSING
         self.sasl_active = False  # so our QUIT is traced as it is
-        self.timings["done"] = now_us()
-        self.tracer.event(
-            "relay.done", conn=self.conn_id, error=str(error), permanent=error.permanent
-        )
-        if self.transport is not None and self.connected:
-            if polite:
-                self._disconnectFromServer()
-            else:
+        if self.transport is None or not self.connected:
+            return
+        if polite:
+            self.setTimeout(self.timeout)  # a server that never answers QUIT is dropped
+            self._disconnectFromServer()
+        else:
+            self.transport.abortConnection()
+
+    def _fail_session(self, error: SMTPDeliveryError, polite: bool = True) -> None:
+        """The connection cannot go on: fail what waits on it and close it.
+
+        What waits is either ``opened`` (the setup failed) or the
+        transaction in progress. ``polite``: see :meth:`_close_now`.
+        """
+        if self.phase in (Phase.CLOSING, Phase.CLOSED):
+            if not polite and self.connected:
                 self.transport.abortConnection()
-        self.result.errback(Failure(error))
+            return
+        tx, self.tx = self.tx, None
+        if tx is not None:
+            waiting, tracer = tx.result, tx.tracer
+        elif self.phase is Phase.OPENING:
+            waiting, tracer = self.opened, self.tracer
+            self.timings["done"] = now_us()
+        else:  # idle: nobody is waiting, but the connection is finished
+            self.tracer.event("relay.lost", conn=self.conn_id, reason=str(error))
+            return self._close_now(polite)
+        tracer.event("relay.done", conn=self.conn_id, error=str(error), permanent=error.permanent)
+        self._close_now(polite)
+        if not waiting.called:
+            waiting.errback(Failure(error))
 
     def _refused(self, stage: str):
         """A ``_failresponse`` that turns the server's reply into a failure."""
 
         def fail(code: int, resp: bytes) -> None:
             status, text = self._reply(code, resp)
-            self._fail(SMTPDeliveryError(code, status, text, stage=stage))
+            self._fail_session(SMTPDeliveryError(code, status, text, stage=stage))
 
         return fail
-
-    def _succeed(self) -> None:
-        """Every accepted recipient has its verdict: report, then QUIT."""
-        if self.result.called:
-            return
-        self.timings["done"] = now_us()
-        result = SendResult(
-            recipients=list(self.replies),
-            greeting=self.greeting,
-            tls=self._tlsMode,
-            extensions={
-                k.decode("ascii", "replace"): v.decode("ascii", "replace")
-                for k, v in self.extensions.items()
-            },
-            timings=dict(self.timings),
-        )
-        self.tracer.event(
-            "relay.done",
-            conn=self.conn_id,
-            codes={r.address: r.code for r in result.recipients},
-            tls=result.tls,
-        )
-        if self.connected:
-            self._disconnectFromServer()
-        self.result.callback(result)
 
     # Connection, greeting, EHLO/LHLO.
 
@@ -376,7 +525,7 @@ class DeliveryClient(smtp.ESMTPClient):
         super().connectionMade()  # arms the idle timeout, waits for 220
         # Under implicit TLS the transport is a TLS wrapper that does not
         # declare ISSLTransport, so Twisted's own check would miss it.
-        self._tlsMode = self.request.tls == "implicit"
+        self._tlsMode = self.options.tls == "implicit"
         if self._tlsMode:
             self.tracer.event("tls.start", conn=self.conn_id, mode="implicit")
         self.stage = "greeting"
@@ -395,9 +544,9 @@ class DeliveryClient(smtp.ESMTPClient):
         """
         self._expected = smtp.SUCCESS
         self._okresponse = self.esmtpState_serverConfig
-        verb = b"LHLO" if self.request.lmtp else b"EHLO"
-        tls_needed = self.request.tls == "starttls" and not self._tlsMode
-        if self.request.lmtp or self.secret is not None or tls_needed:
+        verb = b"LHLO" if self.options.lmtp else b"EHLO"
+        tls_needed = self.options.tls == "starttls" and not self._tlsMode
+        if self.options.lmtp or self.secret is not None or tls_needed:
             self._failresponse = self._refused(verb.decode())
         else:
             self._failresponse = self.smtpState_helo
@@ -431,7 +580,7 @@ class DeliveryClient(smtp.ESMTPClient):
     # STARTTLS (RFC 3207).
 
     def tryTLS(self, code: int, resp: bytes, items: dict) -> None:
-        mode = self.request.tls
+        mode = self.options.tls
         if self._tlsMode or mode == "none":
             return self.authenticate(code, resp, items)
         if b"STARTTLS" in items:
@@ -441,7 +590,7 @@ class DeliveryClient(smtp.ESMTPClient):
             return self.sendLine(b"STARTTLS")
         if mode == "starttls":
             # Postfix says the same and defers (a later try may find TLS).
-            return self._fail(
+            return self._fail_session(
                 SMTPDeliveryError(
                     421, "4.7.4", "TLS is required, but was not offered by host", stage="EHLO"
                 )
@@ -450,7 +599,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self.authenticate(code, resp, items)
 
     def _on_starttls_refused(self, code: int, resp: bytes) -> None:
-        if self.request.tls == "starttls" or code == 421:
+        if self.options.tls == "starttls" or code == 421:
             return self._refused("STARTTLS")(code, resp)
         # Opportunistic: after a refusal the session goes on as before
         # (RFC 3207 4), in clear.
@@ -474,7 +623,7 @@ class DeliveryClient(smtp.ESMTPClient):
         try:
             self.transport.startTLS(self.context)
         except Exception as e:
-            return self._fail(
+            return self._fail_session(
                 SMTPDeliveryError(421, "4.7.5", f"cannot start TLS: {e}", stage="STARTTLS"),
                 polite=False,
             )
@@ -495,7 +644,7 @@ class DeliveryClient(smtp.ESMTPClient):
         if self.secret is None:
             return self.smtpState_from(code, resp)
         if not self._tlsMode:
-            return self._fail(
+            return self._fail_session(
                 SMTPDeliveryError(
                     538, "5.7.11", "refusing to send credentials without TLS", stage="AUTH"
                 )
@@ -504,7 +653,7 @@ class DeliveryClient(smtp.ESMTPClient):
         super().authenticate(code, resp, items)
 
     def esmtpAUTHRequired(self, code=-1, resp=None) -> None:
-        self._fail(
+        self._fail_session(
             SMTPDeliveryError(
                 530, "5.7.0", "server offers no AUTH mechanism we use (PLAIN, LOGIN)", stage="AUTH"
             )
@@ -517,42 +666,102 @@ class DeliveryClient(smtp.ESMTPClient):
     _esmtpState_plainAuth = esmtpAUTHServerError = esmtpAUTHDeclined
 
     def esmtpAUTHMalformedChallenge(self, code=-1, resp=None) -> None:
-        self._fail(
+        self._fail_session(
             SMTPDeliveryError(421, "4.7.0", "server sent a malformed AUTH challenge", stage="AUTH")
         )
 
-    # The mail transaction: MAIL, RCPT..., DATA (RFC 5321 3.3).
+    # Ready: the end of the setup.
 
     def smtpState_from(self, code: int, resp: bytes) -> None:
-        """Send MAIL FROM, with the parameters the server announced."""
+        """Twisted's setup is over (after EHLO or HELO, STARTTLS, AUTH):
+        the connection is ready for MAIL. We wait for a transaction."""
         self.sasl_active = False
-        try:
-            params = self._mail_parameters()
-        except SMTPDeliveryError as error:
-            return self._fail(error)
-        self._expected = smtp.SUCCESS
-        self._okresponse = self.smtpState_to
-        self._failresponse = self._refused("MAIL")
-        self.sendLine(b"MAIL FROM:<" + self.request.mail_from + b">" + params)
+        self.timings["ready"] = now_us()
+        self.tracer.event(
+            "relay.ready",
+            conn=self.conn_id,
+            tls=self._tlsMode,
+            pipelining=self.pipelining,
+            setup_ms=round((self.timings["ready"] - self.timings["start"]) / 1000, 3),
+        )
+        self._go_idle()
+        if not self.opened.called:
+            self.opened.callback(self)
 
-    def _mail_parameters(self) -> bytes:
-        request, ext, params = self.request, self.extensions, []
+    def _go_idle(self) -> None:
+        """No command outstanding. The idle timer is off: how long an idle
+        connection is kept is the owner's choice (ConnectionCache.max_idle)."""
+        self.phase = Phase.IDLE
+        self.stage = "MAIL"
+        self.setTimeout(None)
+        self._listen(self._on_unsolicited)
+
+    def _on_unsolicited(self, code: int, resp: bytes) -> None:
+        """A reply while we sent nothing. Usually ``421`` from a server that
+        closes idle connections or shuts down (RFC 5321 3.8); in any case the
+        connection is out of step and is closed."""
+        _, text = self._reply(code, resp)
+        self.tracer.event("relay.lost", conn=self.conn_id, reason=f"unsolicited {code} {text}")
+        self._close_now(polite=False)
+
+    # The mail transaction: MAIL, RCPT..., DATA (RFC 5321 3.3).
+
+    def start_transaction(
+        self, message: _Message, tracer: Tracer, started: int | None = None
+    ) -> defer.Deferred:
+        """Run one transaction; fires with a :class:`SendResult`.
+
+        Fails with :class:`SMTPDeliveryError` when no recipient got the
+        message. Only one transaction at a time: :class:`ClientSession`
+        queues callers. Cancelling the result drops the connection.
+        """
+        if self.phase is not Phase.IDLE:
+            raise RuntimeError(f"a transaction needs an idle connection, this one is {self.phase.value}")
+        self.transactions += 1
+        result = defer.Deferred(canceller=lambda _: self.abort())
+        self.tx = _Transaction(message, tracer, result, self.transactions, started or now_us())
+        self.phase = Phase.TRANSACTION
+        self.setTimeout(self.timeout)
+        tracer.event(
+            "relay.transaction", conn=self.conn_id, number=self.transactions,
+            rcpts=len(message.rcpt_tos), octets=message.size, pipelining=self.pipelining,
+        )
+        try:
+            params = self._mail_parameters(message)
+        except SMTPDeliveryError as error:
+            # Found before anything was sent: the server's state is unchanged.
+            self._fail_transaction(error, reset=False)
+            return result
+        commands = []
+        if self.needs_reset:
+            commands.append(_Command("RSET", b"RSET", self._on_rset_reply))
+        commands.append(
+            _Command("MAIL", b"MAIL FROM:<" + message.mail_from + b">" + params, self._on_mail_reply)
+        )
+        for index, address in enumerate(message.rcpt_tos):
+            line = b"RCPT TO:<" + _envelope_address(address) + b">"
+            commands.append(_Command("RCPT", line, partial(self._on_rcpt_reply, index, address)))
+        self._run(commands, then=self._after_envelope, pipeline=self.pipelining)
+        return result
+
+    def _mail_parameters(self, message: _Message) -> bytes:
+        ext, params = self.extensions, []
         if b"SIZE" in ext:  # RFC 1870: let the server refuse before the upload
             limit = ext[b"SIZE"]
-            if limit.isdigit() and 0 < int(limit) < request.size:
+            if limit.isdigit() and 0 < int(limit) < message.size:
                 raise SMTPDeliveryError(
-                    552, "5.3.4", f"message is {request.size} octets, server takes {int(limit)}",
+                    552, "5.3.4", f"message is {message.size} octets, server takes {int(limit)}",
                     stage="MAIL",
                 )
-            params.append(b"SIZE=%d" % request.size)
-        if request.eight_bit:
+            params.append(b"SIZE=%d" % message.size)
+        if message.eight_bit:
             if b"8BITMIME" in ext:  # RFC 6152
                 params.append(b"BODY=8BITMIME")
             else:
                 # RFC 6152 3 wants a 7-bit conversion here; like Postfix
                 # without MIME conversion, we send the bytes as they are.
-                self.tracer.event("relay.8bit_unannounced", conn=self.conn_id)
-        if request.smtputf8:
+                self.tx.tracer.event("relay.8bit_unannounced", conn=self.conn_id)
+        if message.smtputf8:
             if b"SMTPUTF8" not in ext:
                 raise SMTPDeliveryError(
                     553, "5.6.7", "non-ASCII address, but server lacks SMTPUTF8", stage="MAIL"
@@ -560,67 +769,235 @@ class DeliveryClient(smtp.ESMTPClient):
             params.append(b"SMTPUTF8")  # RFC 6531 3.4
         return b"".join(b" " + p for p in params)
 
-    def smtpState_to(self, code: int, resp: bytes) -> None:
-        """MAIL accepted: offer the recipients one by one."""
-        self.pending_rcpts = list(enumerate(self.request.rcpt_tos))
-        self.replies = []
-        self._expected = range(0, 1000)  # every reply is a verdict on one recipient
-        self._okresponse = self._on_rcpt_reply
-        self._send_rcpt()
+    def _run(self, commands: list[_Command], then: Callable[[], None], pipeline: bool) -> None:
+        """Send ``commands`` and read their replies in order, then call ``then``.
 
-    def _send_rcpt(self) -> None:
-        self.current_rcpt = self.pending_rcpts.pop(0)
-        _, address = self.current_rcpt
-        self.sendLine(b"RCPT TO:<" + _envelope_address(address) + b">")
+        ``pipeline``: all of them in one write (RFC 2920 3.1 lets RSET, MAIL
+        and RCPT stand anywhere in a group); otherwise one at a time, each
+        after the reply to the one before.
+        """
+        self.unsent = deque(commands)
+        self.awaiting = deque()
+        self.then = then
+        self._listen(self._on_reply)
+        if pipeline:
+            self._write(list(self.unsent))
+            self.unsent.clear()
+        else:
+            self._write([self.unsent.popleft()])
 
-    def _on_rcpt_reply(self, code: int, resp: bytes) -> None:
-        """Record the verdict; a refused recipient does not end the transaction."""
-        index, address = self.current_rcpt
-        if code == 421:  # the server is closing the session (RFC 5321 3.8)
-            return self._refused("RCPT")(code, resp)
-        self.replies.append(RecipientResult(address, code, *self._reply(code, resp)))
+    def _write(self, commands: list[_Command]) -> None:
+        """Trace each command line and send them all in one write."""
+        tracer = self._line_tracer()
+        for command in commands:
+            tracer.line(self.conn_id, "C", command.line, peer=self.peer)
+        self.awaiting.extend(commands)
+        self.stage = self.awaiting[0].verb
+        self.transport.write(b"".join(command.line + b"\r\n" for command in commands))
+
+    def _on_reply(self, code: int, resp: bytes) -> None:
+        """The next reply belongs to the oldest command still waiting."""
+        if not self.awaiting:
+            return self._fail_session(
+                SMTPDeliveryError(421, "4.5.0", f"reply {code} to no command", stage=self.stage),
+                polite=False,
+            )
+        command = self.awaiting.popleft()
+        command.on_reply(code, resp)
+        if self.phase is not Phase.TRANSACTION or self.tx is None:
+            return  # the handler ended the transaction (or the connection)
+        if self.awaiting:
+            self.stage = self.awaiting[0].verb
+        elif self.unsent:
+            self._write([self.unsent.popleft()])
+        elif self.then is not None:
+            then, self.then = self.then, None
+            then()
+
+    def _on_rset_reply(self, code: int, resp: bytes) -> None:
         if 200 <= code < 300:
-            self.accepted.append(index)
-        if self.pending_rcpts:
-            return self._send_rcpt()
-        if not self.accepted:
-            return self._fail(_no_recipient_error(self.replies))
-        self._expected = [354]
-        self._okresponse = self.smtpState_data
-        self._failresponse = self._on_data_reply  # refusing DATA refuses them all
-        self.sendLine(b"DATA")
+            self.needs_reset = False
+            return
+        # We no longer know what state the server is in: start afresh elsewhere.
+        status, text = self._reply(code, resp)
+        self._fail_session(
+            SMTPDeliveryError(
+                421, "4.4.2", f"server refused RSET: {code} {status} {text}", stage="RSET"
+            )
+        )
 
-    def smtpState_data(self, code: int, resp: bytes) -> None:
+    def _on_mail_reply(self, code: int, resp: bytes) -> None:
+        if 200 <= code < 300:
+            return
+        status, text = self._reply(code, resp)
+        error = SMTPDeliveryError(code, status, text, stage="MAIL")
+        if code == 421:  # the server is closing the session (RFC 5321 3.8)
+            return self._fail_session(error)
+        # The connection is still good; this message is not. With PIPELINING
+        # the RCPT replies are on their way (RFC 2920 says each command gets
+        # one, here most likely "503 need MAIL"): read them, then fail.
+        self.tx.refusal = error
+        self.unsent.clear()
+
+    def _on_rcpt_reply(self, index: int, address: str, code: int, resp: bytes) -> None:
+        """Record the verdict; a refused recipient does not end the transaction."""
+        if code == 421:  # the server is closing, whatever else happened
+            return self._refused("RCPT")(code, resp)
+        if self.tx.refusal is not None:
+            return  # MAIL was refused: this reply says nothing about the recipient
+        self.tx.replies.append(RecipientResult(address, code, *self._reply(code, resp)))
+        if 200 <= code < 300:
+            self.tx.accepted.append(index)
+
+    def _after_envelope(self) -> None:
+        """Every reply to MAIL and RCPT is in: DATA, or fail the transaction.
+
+        We send DATA only now, not in the pipelined group: had every RCPT
+        been refused, a server might still answer DATA with 354, and we
+        would have to send an empty message to get back in step
+        (RFC 2920 3.1). One round trip is the price of never doing that.
+        """
+        tx = self.tx
+        if tx.refusal is not None:
+            return self._fail_transaction(tx.refusal)
+        if not tx.accepted:
+            return self._fail_transaction(_no_recipient_error(tx.replies))
+        self._run(
+            [_Command("DATA", b"DATA", self._on_data_command_reply)],
+            then=self._finish_transaction, pipeline=False,
+        )
+
+    def _on_data_command_reply(self, code: int, resp: bytes) -> None:
         """354: send the message in one write, already dot-stuffed and
         terminated by encode_data(), then wait for the verdict: one reply in
-        SMTP, one per accepted recipient in LMTP (RFC 2033 4.2)."""
-        self.transport.write(self.request.payload)
-        self.data_sent = True
+        SMTP, one per accepted recipient in LMTP (RFC 2033 4.2). Anything
+        else refuses the message for every accepted recipient."""
+        tx = self.tx
+        if code != 354:
+            self._settle_accepted(code, resp)
+            # The transaction is still open on the server: RSET before the next.
+            return self._finish_transaction(reset=True, closing=code == 421)
+        self.transport.write(tx.message.payload)
+        tx.data_sent = True
         self.stage = "end of data"
-        self.tracer.event("relay.data", conn=self.conn_id, octets=len(self.request.payload))
+        tx.tracer.event("relay.data", conn=self.conn_id, octets=len(tx.message.payload))
         self.resetTimeout()
-        self._expected = range(0, 1000)
-        if self.request.lmtp:
-            self.awaiting_lmtp = list(self.accepted)
-            self._okresponse = self._on_lmtp_reply
+        if self.options.lmtp:
+            tx.awaiting_lmtp = list(tx.accepted)
+            verdicts = [
+                _Command("end of data", None, partial(self._on_lmtp_reply, index))
+                for index in tx.accepted
+            ]
         else:
-            self._okresponse = self._on_data_reply
+            verdicts = [_Command("end of data", None, self._on_data_reply)]
+        self.awaiting.extend(verdicts)
+
+    def _settle_accepted(self, code: int, resp: bytes) -> None:
+        status, text = self._reply(code, resp)
+        for index in self.tx.accepted:
+            address = self.tx.replies[index].address
+            self.tx.replies[index] = RecipientResult(address, code, status, text)
 
     def _on_data_reply(self, code: int, resp: bytes) -> None:
         """SMTP: one reply speaks for every accepted recipient."""
-        status, text = self._reply(code, resp)
-        for index in self.accepted:
-            self.replies[index] = RecipientResult(self.replies[index].address, code, status, text)
-        self._succeed()
+        self._settle_accepted(code, resp)
+        if code == 421:
+            self._finish_transaction(closing=True)
 
-    def _on_lmtp_reply(self, code: int, resp: bytes) -> None:
-        """LMTP: the next reply belongs to the next accepted recipient, in
-        RCPT order (RFC 2033 4.2) -- one may be stored, another over quota."""
-        index = self.awaiting_lmtp.pop(0)
-        address = self.replies[index].address
-        self.replies[index] = RecipientResult(address, code, *self._reply(code, resp))
-        if not self.awaiting_lmtp:
-            self._succeed()
+    def _on_lmtp_reply(self, index: int, code: int, resp: bytes) -> None:
+        """LMTP: each reply belongs to the next accepted recipient, in RCPT
+        order (RFC 2033 4.2) -- one may be stored, another over quota."""
+        tx = self.tx
+        tx.awaiting_lmtp.remove(index)
+        address = tx.replies[index].address
+        tx.replies[index] = RecipientResult(address, code, *self._reply(code, resp))
+
+    # Ending a transaction.
+
+    def _end_transaction(self, reset: bool) -> _Transaction:
+        tx, self.tx = self.tx, None
+        self.unsent.clear()
+        self.awaiting.clear()
+        self.then = None
+        self.needs_reset = self.needs_reset or reset
+        if self.phase is Phase.TRANSACTION:
+            self._go_idle()
+        return tx
+
+    def _finish_transaction(self, reset: bool = False, closing: bool = False) -> None:
+        """Every accepted recipient has its verdict: report them.
+
+        ``closing``: the last reply was 421, so the server is closing the
+        connection (RFC 5321 3.8); we QUIT rather than keep it.
+        """
+        tx = self._end_transaction(reset)
+        result = SendResult(
+            recipients=list(tx.replies),
+            greeting=self.greeting,
+            tls=self._tlsMode,
+            extensions={
+                k.decode("ascii", "replace"): v.decode("ascii", "replace")
+                for k, v in self.extensions.items()
+            },
+            timings={**self.timings, "start": tx.started, "done": now_us()},
+            conn=self.conn_id,
+            count=tx.number,
+        )
+        tx.tracer.event(
+            "relay.done",
+            conn=self.conn_id,
+            codes={r.address: r.code for r in result.recipients},
+            tls=result.tls,
+        )
+        if closing:
+            self._close_now(polite=True)
+        if not tx.result.called:
+            tx.result.callback(result)
+
+    def _fail_transaction(self, error: SMTPDeliveryError, reset: bool = True) -> None:
+        """This message failed, but the connection is in step and stays usable.
+
+        ``reset``: the server may hold part of a transaction (a MAIL, some
+        RCPTs), so the next transaction begins with RSET (RFC 5321
+        4.1.1.5). We send it lazily, in front of the next MAIL: it can then
+        share its write under PIPELINING, and a connection that is closed
+        instead needs none -- QUIT ends any transaction.
+        """
+        tx = self._end_transaction(reset)
+        tx.tracer.event(
+            "relay.done", conn=self.conn_id, error=str(error), permanent=error.permanent
+        )
+        if not tx.result.called:
+            tx.result.errback(Failure(error))
+
+    # Closing.
+
+    def quit(self) -> defer.Deferred:
+        """Say QUIT and close once the server answers (RFC 5321 4.1.1.10).
+
+        Fires (with None) when the connection is gone. Only an idle
+        connection is quit; one in any other phase is left to finish.
+        """
+        closed = self.when_closed()
+        if self.phase is Phase.IDLE:
+            self._close_now(polite=True)
+        return closed
+
+    def abort(self) -> None:
+        """Drop the connection now, whatever is in progress."""
+        if self.phase is not Phase.CLOSED:
+            self.phase = Phase.CLOSING
+        if self.transport is not None and self.connected:
+            self.transport.abortConnection()
+
+    def when_closed(self) -> defer.Deferred:
+        """A Deferred that fires (with None) once the connection is gone.
+        Cancelling it drops the connection."""
+        if self.phase is Phase.CLOSED:
+            return defer.succeed(None)
+        d = defer.Deferred(canceller=lambda _: self.abort())
+        self._closed_waiters.append(d)
+        return d
 
     # Failures with no reply: timeout, lost connection, garbage.
 
@@ -628,10 +1005,10 @@ class DeliveryClient(smtp.ESMTPClient):
         """The server stayed silent for ``timeout`` seconds. RFC 5321
         4.5.3.2 suggests minutes per command on the Internet; the lab is
         local, so the caller picks."""
-        if self.result.called:  # our QUIT went unanswered
+        if self.phase in (Phase.CLOSING, Phase.CLOSED):  # our QUIT went unanswered
             self.transport.abortConnection()
             return
-        self._fail(
+        self._fail_session(
             SMTPDeliveryError(
                 421, "4.4.2", f"no reply within {self.timeout}s (waiting for {self.stage})",
                 stage=self.stage,
@@ -642,19 +1019,35 @@ class DeliveryClient(smtp.ESMTPClient):
     def connectionLost(self, reason=None) -> None:
         self.connected = False
         super().connectionLost(reason)  # stops the idle timer
-        if self.result.called:
-            return
-        if self.request.lmtp and self.data_sent and len(self.awaiting_lmtp) < len(self.accepted):
-            # Some LMTP verdicts are in: those recipients are settled, so
-            # report them and mark only the silent ones for retry.
-            for index in self.awaiting_lmtp:
-                address = self.replies[index].address
-                self.replies[index] = RecipientResult(
-                    address, 421, "4.4.2", "connection lost before this recipient's reply"
-                )
-            self.awaiting_lmtp = []
-            return self._succeed()
-        self._fail(self._connection_lost_error(reason), polite=False)
+        was, self.phase = self.phase, Phase.CLOSED
+        tx = self.tx
+        if tx is not None and not tx.result.called:
+            if self.options.lmtp and tx.data_sent and len(tx.awaiting_lmtp) < len(tx.accepted):
+                # Some LMTP verdicts are in: those recipients are settled, so
+                # report them and mark only the silent ones for retry.
+                for index in tx.awaiting_lmtp:
+                    address = tx.replies[index].address
+                    tx.replies[index] = RecipientResult(
+                        address, 421, "4.4.2", "connection lost before this recipient's reply"
+                    )
+                self._finish_transaction()
+            else:
+                self._fail_transaction(self._connection_lost_error(reason))
+        elif was is Phase.OPENING and not self.opened.called:
+            error = self._connection_lost_error(reason)
+            self.timings["done"] = now_us()
+            self.tracer.event(
+                "relay.done", conn=self.conn_id, error=str(error), permanent=error.permanent
+            )
+            self.opened.errback(Failure(error))
+        elif was is Phase.IDLE:
+            why = reason.getErrorMessage() if reason is not None else "unknown"
+            self.tracer.event("relay.lost", conn=self.conn_id, reason=why)
+        self.tx = None
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            if not d.called:
+                d.callback(None)
 
     def _connection_lost_error(self, reason: Failure | None) -> SMTPDeliveryError:
         why = reason.getErrorMessage() if reason is not None else "unknown"
@@ -662,7 +1055,7 @@ class DeliveryClient(smtp.ESMTPClient):
         # broke); VerificationError: the certificate names another host.
         if reason is not None and reason.check(SSL.Error, VerificationError):
             return SMTPDeliveryError(421, "4.7.5", f"TLS handshake failed: {why}", stage="TLS")
-        if self.data_sent:
+        if self.tx is not None and self.tx.data_sent:
             # RFC 1047: the server may have the message; a retry may duplicate it.
             why = f"{why} (after the message was sent; a retry may duplicate it)"
         return SMTPDeliveryError(
@@ -677,7 +1070,7 @@ class DeliveryClient(smtp.ESMTPClient):
             code = 421
         resp = getattr(exc, "resp", b"") or b""
         text = resp.decode("utf-8", "replace") if isinstance(resp, bytes) else str(resp)
-        self._fail(
+        self._fail_session(
             SMTPDeliveryError(code, f"{code // 100}.5.0", text, stage=self.stage), polite=False
         )
 
@@ -704,21 +1097,220 @@ def _tls_version(transport) -> str | None:
     return None
 
 
-class _DeliveryFactory(Factory):
-    def __init__(self, request, result, reactor, tracer, started):
-        self.request, self.result, self.reactor = request, result, reactor
+class _SessionFactory(Factory):
+    def __init__(self, options, opened, reactor, tracer, started):
+        self.options, self.opened, self.reactor = options, opened, reactor
         self.tracer, self.started = tracer, started
-        self.client: DeliveryClient | None = None
+        self.client: SessionProtocol | None = None
 
     def buildProtocol(self, addr):
-        self.client = DeliveryClient(
-            self.request, self.result, self.reactor, self.tracer, self.started
+        self.client = SessionProtocol(
+            self.options, self.opened, self.reactor, self.tracer, self.started
         )
         self.client.factory = self
         return self.client
 
 
-# --- The public entry point -------------------------------------------------------
+# --- Sessions: one connection, many transactions ------------------------------------
+
+
+class ClientSession:
+    """An SMTP or LMTP connection that is set up and ready for mail.
+
+    Made by :func:`open_session`. Each :meth:`send` runs one transaction;
+    the connection stays open between them, so only the first message pays
+    for the TCP and TLS handshakes, the EHLOs and AUTH.
+
+    Transactions on one session are serialized: SMTP has one transaction
+    at a time per connection (RFC 5321 3.3), so a :meth:`send` made while
+    another is running waits in a queue (first come, first served) and
+    starts when the one before has its last reply.
+
+    After a failed transaction the session is still usable if the server is
+    still in step with us -- MAIL refused, every RCPT refused, DATA refused,
+    the message too big for the announced SIZE: the next transaction then
+    starts with RSET (RFC 5321 4.1.1.5). A lost connection, a timeout, a
+    ``421`` (the server is closing, RFC 5321 3.8) or a reply we cannot
+    place make it unusable for good: :attr:`usable` turns False and
+    later sends fail with 4.4.2, to be retried on a new connection.
+    """
+
+    def __init__(self, protocol: SessionProtocol):
+        self._protocol = protocol
+        self._turns = defer.DeferredLock()  # one transaction at a time
+        self._closing = False
+
+    def __repr__(self) -> str:
+        state = "usable" if self.usable else "unusable"
+        return f"<ClientSession {self.conn} {state}, {self.transactions} transactions>"
+
+    @property
+    def conn(self) -> str:
+        """The connection id that the trace events of this session carry."""
+        return self._protocol.conn_id
+
+    @property
+    def usable(self) -> bool:
+        """True while :meth:`send` can still succeed on this connection."""
+        return self._protocol.usable and not self._closing
+
+    @property
+    def busy(self) -> bool:
+        """A transaction is running (and maybe more are queued)."""
+        return self._turns.locked
+
+    @property
+    def transactions(self) -> int:
+        """How many transactions this connection has started so far."""
+        return self._protocol.transactions
+
+    @property
+    def greeting(self) -> str:
+        return self._protocol.greeting
+
+    @property
+    def tls(self) -> bool:
+        return bool(self._protocol._tlsMode)
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        return {
+            k.decode("ascii", "replace"): v.decode("ascii", "replace")
+            for k, v in self._protocol.extensions.items()
+        }
+
+    def send(
+        self, mail_from: str, rcpt_tos: list[str], content: bytes, tracer: Tracer | None = None
+    ) -> defer.Deferred:
+        """Run one mail transaction; fires with a :class:`SendResult`.
+
+        The results and errors are those of :func:`send`. ``tracer`` gets
+        the transaction's lines and events (bind a queue id or Message-ID to
+        it); the session's own tracer keeps the connection's events.
+        Arguments are checked at once (``ValueError``, ``TypeError``).
+        """
+        return self._submit(_message(mail_from, rcpt_tos, content), tracer, None)
+
+    def _submit(self, message: _Message, tracer: Tracer | None, started: int | None):
+        if self._closing:
+            return defer.fail(
+                SMTPDeliveryError(421, "4.4.2", f"session {self.conn} is closed", stage="MAIL")
+            )
+        return self._turns.run(self._transact, message, tracer or self._protocol.tracer, started)
+
+    def _transact(self, message: _Message, tracer: Tracer, started: int | None):
+        if not self._protocol.usable:
+            error = SMTPDeliveryError(
+                421, "4.4.2", f"connection {self.conn} was lost or closed", stage="MAIL"
+            )
+            return defer.fail(error)
+        return self._protocol.start_transaction(message, tracer, started)
+
+    def close(self) -> defer.Deferred:
+        """QUIT and close; fires (with None, never an error) once the
+        connection is gone. Transactions already queued run first; sends
+        made after this fail. Cancelling the result drops the connection."""
+        if not self._closing:
+            self._closing = True
+            self._turns.run(self._protocol.quit).addErrback(lambda _: None)
+        return self._protocol.when_closed()
+
+    def abort(self) -> None:
+        """Drop the connection now; a transaction in progress fails (4.4.2)."""
+        self._closing = True
+        self._protocol.abort()
+
+
+def _open(reactor, host, port, options, bind_address, tracer, started) -> defer.Deferred:
+    """Connect and set up; fires with a ready :class:`ClientSession`."""
+    tracer.event(
+        "relay.connect", host=host, port=port, tls=options.tls, lmtp=options.lmtp,
+        bind=bind_address,
+    )
+    cancelled = False
+
+    def cancel(_: defer.Deferred) -> None:
+        nonlocal cancelled
+        cancelled = True
+        if not connecting.called:
+            connecting.cancel()
+        elif factory.client is not None:
+            factory.client.abort()
+
+    opened = defer.Deferred(canceller=cancel)
+    factory = _SessionFactory(options, opened, reactor, tracer, started)
+    endpoint_class = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+    bind = (bind_address, 0) if bind_address else None
+    endpoint = endpoint_class(reactor, host, port, timeout=options.timeout, bindAddress=bind)
+    if options.tls == "implicit":
+        endpoint = wrapClientTLS(options.tls_context, endpoint)
+
+    # The endpoint's own timeout covers the TCP connect; this watchdog also
+    # covers name resolution, so the result can never hang here.
+    connecting = endpoint.connect(factory)
+    watchdog = (
+        reactor.callLater(options.timeout, connecting.cancel) if not connecting.called else None
+    )
+
+    def connected(client):
+        if watchdog is not None and watchdog.active():
+            watchdog.cancel()
+
+    def not_connected(reason: Failure) -> None:
+        timed_out = watchdog is not None and not watchdog.active() and not cancelled
+        if watchdog is not None and watchdog.active():
+            watchdog.cancel()
+        if cancelled or opened.called:
+            return
+        if timed_out:
+            why = f"no connection within {options.timeout}s"
+        elif reason.check(ConnectionRefusedError):
+            why = "connection refused"
+        else:
+            why = reason.getErrorMessage()
+        error = SMTPDeliveryError(
+            421, "4.4.1", f"cannot connect to {host}:{port}: {why}", stage="connect"
+        )
+        tracer.event("relay.done", host=host, port=port, error=str(error), permanent=False)
+        opened.errback(Failure(error))
+
+    connecting.addCallbacks(connected, not_connected)
+    return opened.addCallback(ClientSession)
+
+
+def open_session(
+    reactor,
+    host: str,
+    port: int,
+    *,
+    helo: str,
+    tls: str = "starttls",
+    tls_hostname: str | None = None,
+    ca_cert: Path | str | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    lmtp: bool = False,
+    bind_address: str | None = None,
+    timeout: float = 30,
+    tracer: Tracer = NULL_TRACER,
+) -> defer.Deferred:
+    """Connect to ``host:port`` and set the connection up for mail.
+
+    Reads the greeting, says EHLO (LHLO for LMTP), runs STARTTLS and EHLO
+    again, and logs in, as ``tls``, ``username`` and ``password`` ask (see
+    :func:`send`). Fires with an idle :class:`ClientSession`, or fails with
+    :class:`SMTPDeliveryError` (``stage`` says which step). ``tracer`` gets
+    the connection's events; each transaction may bring its own.
+    Cancelling the result drops the connection.
+    """
+    options = _session_options(
+        host, helo=helo, tls=tls, tls_hostname=tls_hostname, ca_cert=ca_cert,
+        username=username, password=password, lmtp=lmtp, timeout=timeout,
+    )
+    return _open(reactor, host, port, options, bind_address, tracer, now_us())
+
+
+# --- The one-message entry point ---------------------------------------------------------
 
 
 def send(
@@ -761,91 +1353,298 @@ def send(
     The trace gets every command and reply line (``C`` is us, ``S`` the
     server; SASL secrets as ``***``) and ``relay.*``/``tls.*`` events; the
     message body is not traced, only its size (``relay.data``).
-    """
-    if tls not in TLS_MODES:
-        raise ValueError(f"tls must be one of {TLS_MODES}, not {tls!r}")
-    if not isinstance(content, bytes):
-        raise TypeError("content must be bytes")
-    if not rcpt_tos:
-        raise ValueError("at least one recipient is needed")
-    if (username is None) != (password is None):
-        raise ValueError("give both username and password, or neither")
-    if username is not None and tls == "none":
-        raise ValueError("credentials need TLS; tls='none' would send them in clear")
-    tls_context = None
-    if tls != "none":
-        if ca_cert is None:
-            raise ValueError("ca_cert is needed: TLS peers are verified against the lab CA")
-        tls_context = client_context(Path(ca_cert), tls_hostname or host)
-    addresses = [mail_from, *rcpt_tos]
-    for address in addresses:
-        _envelope_address(address)
-    normalized = normalize_line_breaks(content)
-    request = _Request(
-        helo=helo.encode("ascii"),
-        mail_from=_envelope_address(mail_from),
-        rcpt_tos=tuple(rcpt_tos),
-        payload=encode_data(content),
-        size=len(normalized),
-        eight_bit=any(b > 127 for b in normalized),
-        smtputf8=not all(a.isascii() for a in addresses),
-        tls=tls,
-        tls_context=tls_context,
-        username=username.encode("utf-8") if username is not None else None,
-        password=password.encode("utf-8") if password is not None else None,
-        lmtp=lmtp,
-        timeout=timeout,
-    )
-    started = now_us()
-    tracer.event(
-        "relay.connect", host=host, port=port, tls=tls, lmtp=lmtp, bind=bind_address,
-        rcpts=len(rcpt_tos),
-    )
 
-    cancelled = False
+    This is :func:`open_session`, one :meth:`ClientSession.send` and
+    :meth:`ClientSession.close` on a connection of its own. To send several
+    messages to one place, keep a session (or a :class:`ConnectionCache`).
+    """
+    options = _session_options(
+        host, helo=helo, tls=tls, tls_hostname=tls_hostname, ca_cert=ca_cert,
+        username=username, password=password, lmtp=lmtp, timeout=timeout,
+    )
+    message = _message(mail_from, rcpt_tos, content)
+    started = now_us()
+    opening = _open(reactor, host, port, options, bind_address, tracer, started)
+    session: ClientSession | None = None
 
     def cancel(_: defer.Deferred) -> None:
-        nonlocal cancelled
-        cancelled = True
-        if not connecting.called:
-            connecting.cancel()
-        elif factory.client is not None and factory.client.transport is not None:
-            factory.client.transport.abortConnection()
+        if session is None:
+            opening.cancel()
+        else:
+            session.abort()
 
     result = defer.Deferred(canceller=cancel)
-    factory = _DeliveryFactory(request, result, reactor, tracer, started)
-    endpoint_class = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-    bind = (bind_address, 0) if bind_address else None
-    endpoint = endpoint_class(reactor, host, port, timeout=timeout, bindAddress=bind)
-    if tls == "implicit":
-        endpoint = wrapClientTLS(tls_context, endpoint)
 
-    # The endpoint's own timeout covers the TCP connect; this watchdog also
-    # covers name resolution, so the result can never hang here.
-    connecting = endpoint.connect(factory)
-    watchdog = reactor.callLater(timeout, connecting.cancel) if not connecting.called else None
+    def opened(s: ClientSession) -> defer.Deferred:
+        nonlocal session
+        session = s
 
-    def connected(client):
-        if watchdog is not None and watchdog.active():
-            watchdog.cancel()
+        def close(outcome):
+            s.close()  # QUIT now; the caller need not wait for the 221
+            return outcome
 
-    def not_connected(reason: Failure) -> None:
-        timed_out = watchdog is not None and not watchdog.active() and not cancelled
-        if watchdog is not None and watchdog.active():
-            watchdog.cancel()
-        if cancelled or result.called:
-            return
-        if timed_out:
-            why = f"no connection within {timeout}s"
-        elif reason.check(ConnectionRefusedError):
-            why = "connection refused"
-        else:
-            why = reason.getErrorMessage()
-        error = SMTPDeliveryError(
-            421, "4.4.1", f"cannot connect to {host}:{port}: {why}", stage="connect"
-        )
-        tracer.event("relay.done", host=host, port=port, error=str(error), permanent=False)
-        result.errback(Failure(error))
+        return s._submit(message, tracer, started).addBoth(close)
 
-    connecting.addCallbacks(connected, not_connected)
+    def settle(outcome) -> None:
+        if not result.called:
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+    opening.addCallback(opened).addBoth(settle)
     return result
+
+
+# --- Reusing connections between messages -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Destination:
+    """What makes two connections interchangeable: a session is reused only
+    for the same server, reached and set up the same way. ``helo`` and
+    ``ca_cert`` are part of it too (the server judged our EHLO name; TLS was
+    verified against that CA). The password is left out, so no secret is
+    kept in a key or shown in a repr."""
+
+    host: str
+    port: int
+    tls: str
+    tls_hostname: str
+    username: str | None
+    lmtp: bool
+    bind_address: str | None
+    helo: str
+    ca_cert: str | None
+
+
+@dataclass(eq=False)
+class _Pooled:
+    """A session the cache owns, with the cache's bookkeeping for it."""
+
+    session: ClientSession
+    count: int = 0  # transactions given to it
+    idle_timer: object | None = None
+    retire: str | None = None  # close it when its transaction ends, for this reason
+    retired: list[defer.Deferred] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Pool:
+    """The sessions of one :class:`Destination`."""
+
+    open_args: dict
+    size: int = 0  # open or being opened; never above max_per_destination
+    idle: list[_Pooled] = field(default_factory=list)  # most recently used last
+    busy: list[_Pooled] = field(default_factory=list)
+    waiters: deque[tuple[defer.Deferred, Tracer | None]] = field(default_factory=deque)
+
+
+class ConnectionCache:
+    """Keep connections open between messages and reuse them, as Postfix's
+    ``scache`` does for its SMTP client.
+
+    :meth:`send` takes the options of :func:`send`. It runs the transaction
+    on an idle session to the same :class:`Destination` if there is one
+    (``relay.reuse``); otherwise it opens one (``relay.cache.open``) unless
+    ``max_per_destination`` are already open, in which case it waits for
+    one of them to finish its transaction. After the transaction the
+    session goes back to the pool. A session is closed (QUIT, and
+    ``relay.cache.close`` with the reason) when it has been idle for
+    ``max_idle`` seconds (``"idle"``), has carried ``max_messages``
+    transactions (``"max_messages"``: a long-lived connection should not
+    outlive a server's or our own reload for ever), or is no longer usable
+    (``"dead"``: lost, timed out, 421).
+
+    Why short idle times: RFC 5321 4.5.3.2.7 gives the *server* 5 minutes
+    of patience for our next command, but an idle connection still holds a
+    process or a slot on the server, so a client should keep one only as
+    long as more mail is likely (Postfix: ``smtp_connection_cache_time_limit
+    = 2s``). Most reuse happens in bursts -- a queue flush, a list post.
+
+    The idle pool is used most-recently-first: in a lull the sessions at the
+    bottom go unused and time out, so the cache shrinks to what the traffic
+    needs. ``session_factory`` (default :func:`open_session`) is there for
+    tests; ``reactor`` gives the clock for idle timers.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        *,
+        max_idle: float = 5.0,
+        max_per_destination: int = 10,
+        max_messages: int = 100,
+        tracer: Tracer = NULL_TRACER,
+        session_factory: Callable[..., defer.Deferred] = open_session,
+    ):
+        if max_per_destination < 1 or max_messages < 1:
+            raise ValueError("max_per_destination and max_messages must be at least 1")
+        self.reactor = reactor
+        self.max_idle = max_idle
+        self.max_per_destination = max_per_destination
+        self.max_messages = max_messages
+        self.tracer = tracer
+        self.session_factory = session_factory
+        self._pools: dict[Destination, _Pool] = {}
+
+    def send(
+        self,
+        host: str,
+        port: int,
+        *,
+        helo: str,
+        mail_from: str,
+        rcpt_tos: list[str],
+        content: bytes,
+        tls: str = "starttls",
+        tls_hostname: str | None = None,
+        ca_cert: Path | str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        lmtp: bool = False,
+        bind_address: str | None = None,
+        timeout: float = 30,
+        tracer: Tracer | None = None,
+    ) -> defer.Deferred:
+        """Deliver one message like :func:`send`, on a cached connection.
+
+        ``tracer`` is for this transaction's events (bind the queue id and
+        Message-ID to it); connection events go to the cache's tracer.
+        """
+        _check_connection_arguments(tls, ca_cert, username, password)
+        _check_envelope(mail_from, rcpt_tos, content)
+        destination = Destination(
+            host, port, tls, tls_hostname or host, username, lmtp, bind_address, helo,
+            str(ca_cert) if ca_cert is not None else None,
+        )
+        open_args = dict(
+            host=host, port=port, helo=helo, tls=tls, tls_hostname=tls_hostname,
+            ca_cert=ca_cert, username=username, password=password, lmtp=lmtp,
+            bind_address=bind_address, timeout=timeout,
+        )
+        pool = self._pools.get(destination)
+        if pool is None:
+            pool = self._pools[destination] = _Pool(open_args)
+        pool.open_args = open_args  # the latest timeout and password win
+        return self._send(pool, mail_from, rcpt_tos, content, tracer)
+
+    @defer.inlineCallbacks
+    def _send(self, pool: _Pool, mail_from, rcpt_tos, content, tracer):
+        entry, reused = yield self._acquire(pool, tracer)
+        entry.count += 1
+        pool.busy.append(entry)
+        if reused:
+            (tracer or self.tracer).event(
+                "relay.reuse", conn=entry.session.conn, count=entry.count
+            )
+        try:
+            result = yield entry.session.send(mail_from, rcpt_tos, content, tracer=tracer)
+        finally:
+            pool.busy.remove(entry)
+            self._release(pool, entry)
+        return result
+
+    def _acquire(self, pool: _Pool, tracer: Tracer | None) -> defer.Deferred:
+        """A session for one transaction: ``(entry, reused)``."""
+        while pool.idle:
+            entry = pool.idle.pop()
+            entry.idle_timer.cancel()
+            if entry.session.usable:
+                return defer.succeed((entry, True))
+            self._discard(pool, entry, "dead")  # the server closed it while idle
+        if pool.size < self.max_per_destination:
+            return self._open(pool, tracer)
+        # Every session is busy: wait for one (see _release and _wake).
+        waiter = defer.Deferred(canceller=lambda d: pool.waiters.remove((d, tracer)))
+        pool.waiters.append((waiter, tracer))
+        return waiter
+
+    def _open(self, pool: _Pool, tracer: Tracer | None) -> defer.Deferred:
+        """Open a session in a free slot, for the message traced by ``tracer``.
+
+        ``relay.cache.open`` goes to that message's tracer, so the trace says
+        which message paid for the setup; the session's own events (connect,
+        TLS, ...) go to the cache's tracer, as they outlive the message.
+        """
+        pool.size += 1
+        args = dict(pool.open_args)
+        host, port = args.pop("host"), args.pop("port")
+        d = self.session_factory(self.reactor, host, port, tracer=self.tracer, **args)
+
+        def opened(session):
+            (tracer or self.tracer).event(
+                "relay.cache.open", conn=session.conn, host=host, port=port, open=pool.size
+            )
+            return _Pooled(session), False
+
+        def failed(reason):
+            pool.size -= 1
+            self._wake(pool)  # a waiter may have better luck, or fail on its own
+            return reason
+
+        return d.addCallbacks(opened, failed)
+
+    def _release(self, pool: _Pool, entry: _Pooled) -> None:
+        """The transaction on ``entry`` is over: pass it on, pool it, or close it."""
+        if entry.retire is not None:
+            self._discard(pool, entry, entry.retire)
+        elif not entry.session.usable:
+            self._discard(pool, entry, "dead")
+        elif entry.count >= self.max_messages:
+            self._discard(pool, entry, "max_messages")
+        elif pool.waiters:
+            waiter, _ = pool.waiters.popleft()
+            waiter.callback((entry, True))
+        else:
+            pool.idle.append(entry)
+            entry.idle_timer = self.reactor.callLater(self.max_idle, self._expire, pool, entry)
+
+    def _expire(self, pool: _Pool, entry: _Pooled) -> None:
+        pool.idle.remove(entry)
+        self._discard(pool, entry, "idle")
+
+    def _discard(self, pool: _Pool, entry: _Pooled, reason: str) -> defer.Deferred:
+        """Close a session the pool no longer holds; fires once it is closed."""
+        pool.size -= 1
+        self.tracer.event(
+            "relay.cache.close", conn=entry.session.conn, reason=reason, count=entry.count
+        )
+        closed = entry.session.close()
+        closed.addErrback(lambda _: None)
+        for waiting in entry.retired:  # close_all() waits for this one
+            closed.addBoth(lambda _, d=waiting: d.callback(None))
+        self._wake(pool)
+        return closed
+
+    def _wake(self, pool: _Pool) -> None:
+        """A slot is free: the longest waiter opens a new session in it."""
+        if pool.waiters and pool.size < self.max_per_destination:
+            waiter, tracer = pool.waiters.popleft()
+            self._open(pool, tracer).chainDeferred(waiter)
+
+    def close_all(self) -> defer.Deferred:
+        """Close every session: the idle ones now, the busy ones when their
+        transaction ends. Fires (with None) once all are closed."""
+        closing = []
+        for pool in self._pools.values():
+            while pool.idle:
+                entry = pool.idle.pop()
+                entry.idle_timer.cancel()
+                closing.append(self._discard(pool, entry, "shutdown"))
+            for entry in pool.busy:
+                entry.retire = "shutdown"
+                done = defer.Deferred()
+                entry.retired.append(done)
+                closing.append(done)
+        return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
+
+    def stats(self) -> dict[Destination, dict[str, int]]:
+        """Sessions per destination: open, idle, busy, waiting senders."""
+        return {
+            destination: {
+                "open": pool.size, "idle": len(pool.idle), "busy": len(pool.busy),
+                "waiting": len(pool.waiters),
+            }
+            for destination, pool in self._pools.items()
+        }

@@ -44,6 +44,8 @@ from twisted.mail.interfaces import IMessageDelivery
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from agents.security import LoginBlocked, ThrottledPortal, routing_trick, tls_failure
+from agents.security import event as security_event
 from agents.trace import NULL_TRACER, Tracer
 
 _log = Logger()
@@ -182,6 +184,9 @@ class ServerPolicy:
     # RFC 2920 3.1 lets a client send commands without waiting; while a reply
     # is pending the server stops reading once this much input is queued.
     pipeline_high_water: int = 256 * 1024
+    # agents.security.LoginThrottle: failed AUTH is answered ever later, then
+    # 421 4.7.0 and a disconnect. One per agent process, shared by its listeners.
+    login_throttle: Any = None
 
     def __post_init__(self) -> None:
         unknown = set(self.auth_mechanisms) - set(_MECHANISMS)
@@ -371,6 +376,7 @@ class SMTPServer(smtp.ESMTP):
         self._refused = False  # handle_CONNECT refused: only QUIT (RFC 5321 3.1)
         self._rcpt_tried = False  # any RCPT in this transaction, even refused
         self._mechanism = ""
+        self._handshake_done = False  # a TLS handshake completed (for security.tls_failed)
 
     # -- connection life ---------------------------------------------------
 
@@ -386,6 +392,9 @@ class SMTPServer(smtp.ESMTP):
             tls=bool(tls),
         )
         self._event("connection.accepted", tls=self.session.tls)
+        if self.policy.login_throttle is not None and self.portal is not None:
+            self.portal = ThrottledPortal(self.portal, self.policy.login_throttle, self.session.peer,
+                                          protocol="smtp", tracer=self.tracer, conn=self.session.conn_id)
         self.setTimeout(self.policy.timeout)
         self._when_ready(self._call_hook("handle_CONNECT", self.session), self._greet)
 
@@ -411,6 +420,9 @@ class SMTPServer(smtp.ESMTP):
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._closing = True
         self._reader = None
+        if self.session.tls and not self._handshake_done:
+            security_event(self.tracer, "security.tls_failed", conn=self.session.conn_id,
+                           peer=self.session.peer, protocol="smtp", reason=tls_failure(reason))
         self._event("connection.closed")
         smtp.ESMTP.connectionLost(self, reason)  # cred logout, cancel the timer
 
@@ -421,6 +433,7 @@ class SMTPServer(smtp.ESMTP):
         and ``["tls_cipher"]`` for the Received header (RFC 8314 7.4).
         """
         self.session.tls = True
+        self._handshake_done = True
         try:
             handle = self.transport.getHandle()
             self.session.notes["tls_version"] = handle.get_protocol_version_name()
@@ -491,6 +504,11 @@ class SMTPServer(smtp.ESMTP):
 
     def _event(self, name: str, **fields: Any) -> None:
         self.tracer.event(name, conn=self.session.conn_id, peer=self.session.peer, **fields)
+
+    def _security(self, name: str, **fields: Any) -> None:
+        """A ``security.*`` event (see agents.security.EVENTS) for ``mailpipe monitor``."""
+        security_event(self.tracer, name, conn=self.session.conn_id, peer=self.session.peer,
+                       protocol="smtp", user=self.session.user, **fields)
 
     def _call_hook(self, name: str, *args: Any) -> defer.Deferred:
         hook = getattr(self.handler, name, None)
@@ -697,6 +715,12 @@ class SMTPServer(smtp.ESMTP):
                 raise SyntaxProblem("Syntax: RCPT TO:<address> [parameters]")
             address = parse_path(m.group("path"), null_ok=False)
         except SyntaxProblem as e:
+            # Sender-chosen routing (source routes, several @, bang paths...) is
+            # a relay attempt, not a typo: refuse it as policy (RFC 5321 3.6.1).
+            trick = routing_trick(m.group("path")) if m else None
+            if trick is not None:
+                self._security("security.relay_denied", rcpt=m.group("path").decode("ascii", "replace"), reason=trick)
+                return self._send(Reply(550, "5.7.1", f"Sender-specified routing is not accepted ({trick})"), "RCPT")
             return self._send(Reply(501, "5.1.3", str(e)), "RCPT")
         try:
             options = parse_params(m.group("params"))
@@ -806,6 +830,8 @@ class SMTPServer(smtp.ESMTP):
         # must never run inside the TLS session (CVE-2011-0411).
         discarded = len(self._buffer)
         self._buffer.clear()
+        if discarded:
+            self._security("security.starttls_injection", discarded=discarded)
         self._send(Reply(220, "2.0.0", "Ready to start TLS"))
         # RFC 3207 4.2: forget everything learnt from the client so far.
         self._logout()
@@ -823,6 +849,7 @@ class SMTPServer(smtp.ESMTP):
             text = "Already authenticated" if self.session.user else "AUTH not available"
             return self._send(Reply(503, "5.5.1", text), "AUTH")
         if not self.session.tls:  # RFC 4954 4, RFC 8314
+            self._security("security.cleartext_auth")
             return self._send(Reply(538, "5.7.11", "Must issue a STARTTLS command first"), "AUTH")
         if not self.session.esmtp:
             return self._send(Reply(503, "5.5.1", "Send EHLO first"), "AUTH")
@@ -883,6 +910,9 @@ class SMTPServer(smtp.ESMTP):
 
     def _auth_done(self, outcome: Any, credentials: Any) -> None:
         if isinstance(outcome, Failure):
+            if outcome.check(LoginBlocked):  # agents.security: too many failures
+                self._event("auth.result", mechanism=self._mechanism, ok=False, code=421)
+                return self._close_with(Reply(421, "4.7.0", "Too many failed authentication attempts, closing connection"))
             if outcome.check(cred_error.UnauthorizedLogin):
                 reply = Reply(535, "5.7.8", "Authentication credentials invalid")
             else:

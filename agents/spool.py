@@ -12,8 +12,11 @@ On disk, ``HOME/spool/<agent>/``::
     queue/<qid>.state    what has happened since: recipients done, attempts
 
 A ``.msg`` file is complete or absent, because it only appears by rename.
-A ``.msg`` whose first line does not parse is moved to ``corrupt/`` with a
-trace event, never silently dropped.
+A ``.msg`` whose first line does not parse, or whose body is not as long as
+its envelope says (a disk that lied about fsync), is moved to ``corrupt/``
+with a trace event, never silently dropped and never delivered half.
+A torn ``.state`` file only costs a repeat: the message starts over with
+every recipient, and the ones already served get a duplicate (at-least-once).
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ class QueuedMessage:
     next_attempt: float = 0.0
     last_error: str | None = None
     held: bool = False
+    #: octets of the message (without the envelope line): checked on load
+    size: int | None = None
+    #: a delay warning (RFC 3464 Action: delayed) went to the sender already
+    warned: bool = False
 
     def envelope_json(self) -> bytes:
         head = {
@@ -58,8 +65,13 @@ class QueuedMessage:
             "recipients": self.recipients,
             "message_id": self.message_id,
             "received_at": self.received_at,
+            "size": self.size,
         }
         return json.dumps(head).encode() + b"\n"
+
+
+#: The fields of :class:`QueuedMessage` that change after arrival (the ``.state`` file).
+STATE_FIELDS = ("pending", "attempts", "next_attempt", "last_error", "held", "warned")
 
 
 class CorruptSpoolFile(Exception):
@@ -86,10 +98,11 @@ class Spool:
     def store(self, item: QueuedMessage, content: bytes) -> None:
         """Write the message durably. Only after this returns may we say 250."""
         item.pending = list(item.recipients)
+        item.size = len(content)
         write_durably(self.tmp / item.queue_id, self._msg(item.queue_id), item.envelope_json() + content)
 
     def save_state(self, item: QueuedMessage) -> None:
-        state = {k: v for k, v in asdict(item).items() if k in ("pending", "attempts", "next_attempt", "last_error", "held")}
+        state = {k: v for k, v in asdict(item).items() if k in STATE_FIELDS}
         tmp = self.tmp / f"{item.queue_id}.state.{next(_sequence)}"
         write_durably(tmp, self._state(item.queue_id), json.dumps(state).encode())
 
@@ -106,13 +119,26 @@ class Spool:
             except FileNotFoundError:
                 pass
 
+    def header_block(self, qid: str, limit: int = 60000) -> bytes:
+        """The message's header section (for ``mailpipe queue show``), at most ``limit`` octets."""
+        from .headers import split_message
+
+        with open(self._msg(qid), "rb") as f:
+            f.readline()
+            head = f.read(limit)
+        return split_message(head)[0]
+
     def load(self, qid: str) -> QueuedMessage:
         try:
             with open(self._msg(qid), "rb") as f:
-                head = json.loads(f.readline())
+                first = f.readline()
+                body_size = os.fstat(f.fileno()).st_size - len(first)
+            head = json.loads(first)
             item = QueuedMessage(**head)
         except (ValueError, TypeError) as e:
             raise CorruptSpoolFile(f"{qid}: {e}") from None
+        if item.size is not None and item.size != body_size:
+            raise CorruptSpoolFile(f"{qid}: body is {body_size} octets, envelope says {item.size}")
         item.pending = list(item.recipients)
         try:
             state = json.loads(self._state(qid).read_bytes())
@@ -125,9 +151,18 @@ class Spool:
         return item
 
     def recover(self) -> tuple[list[QueuedMessage], list[str]]:
-        """Everything left in the spool: ``(messages, ids moved to corrupt/)``."""
+        """Everything left in the spool: ``(messages, ids moved to corrupt/)``.
+
+        Only the agent that owns the spool calls this, at start: it clears
+        ``tmp/`` (those writes were never acknowledged: the client got no 250)
+        and drops ``.state`` files whose message is gone (a crash between the
+        two unlinks of :meth:`remove`).
+        """
         for leftover in self.tmp.iterdir():
-            leftover.unlink()  # never acknowledged: the client got no 250
+            leftover.unlink()
+        for state in self.queue.glob("*.state"):
+            if not self._msg(state.stem).exists():
+                state.unlink()
         items, corrupt = [], []
         for path in sorted(self.queue.glob("*.msg")):
             qid = path.stem
@@ -137,3 +172,17 @@ class Spool:
                 os.replace(path, self.corrupt / path.name)
                 corrupt.append(qid)
         return items, corrupt
+
+    def scan(self) -> list[QueuedMessage]:
+        """A read-only look at the queue, safe while the agent runs or after it died.
+
+        ``mailpipe queue list`` uses it for an agent that is not running: its
+        messages are still on disk, which is the whole point of a spool.
+        """
+        items = []
+        for path in sorted(self.queue.glob("*.msg")):
+            try:
+                items.append(self.load(path.stem))
+            except (CorruptSpoolFile, FileNotFoundError):
+                continue  # being delivered and removed right now, or for recover() to quarantine
+        return items

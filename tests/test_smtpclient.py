@@ -21,17 +21,22 @@ from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.trial import unittest as trial
+from zope.interface import implementer
 
 from agents import pki
 from agents.smtpclient import (
+    ClientSession,
+    ConnectionCache,
     SMTPDeliveryError,
     SendResult,
     encode_data,
     normalize_line_breaks,
+    open_session,
     parse_status,
     send,
 )
@@ -216,7 +221,8 @@ def test_session_partial_rcpt_rejection_and_mail_parameters():
 def test_null_sender_and_no_parameters_without_extensions():
     s = Session(mail_from="")
     s.greet_and_ehlo(b"PIPELINING")
-    assert s.sent() == b"MAIL FROM:<>\r\n"
+    # PIPELINING carries no MAIL parameter, but lets RCPT ride along (RFC 2920).
+    assert s.sent() == b"MAIL FROM:<>\r\nRCPT TO:<bob@b.test>\r\n"
 
 
 def test_all_recipients_refused_fails_with_each_reply():
@@ -496,15 +502,284 @@ def test_trace_has_directions_and_relay_events(tmp_path):
     assert lines[:2] == [("S", "220 mx.b.test ESMTP"), ("C", "EHLO mx.a.test")]
 
 
+# --- Sessions: several transactions on one connection ----------------------------------
+
+
+class FakeTLSTransportCountingWrites(FakeTLSTransport):
+    """Also keeps each write() apart, to see what went out together."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+
+class SessionWire(Session):
+    """``open_session()`` wired to a fake reactor and transport; we play the server."""
+
+    def __init__(self, **kwargs):
+        self.reactor = MemoryReactorClock()
+        options = dict(helo="mx.a.test", tls="none", timeout=30)
+        options.update(kwargs)
+        self.d = open_session(self.reactor, "127.0.0.3", 25, **options)
+        self.outcome = []
+        self.d.addBoth(self.outcome.append)
+        _, _, factory, _, _ = self.reactor.tcpClients[0]
+        self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.3", 25))
+        self.transport = FakeTLSTransportCountingWrites()
+        self.protocol.makeConnection(self.transport)
+        self._read = 0
+
+    def ready(self, *extensions: bytes) -> ClientSession:
+        self.greet_and_ehlo(*extensions)
+        session = self.result
+        assert isinstance(session, ClientSession) and session.usable
+        assert self.sent() == b""  # idle: nothing is sent until a transaction
+        return session
+
+    def transact(self, session, mail_from="alice@a.test", rcpt_tos=("bob@b.test",), **kw):
+        outcome = []
+        session.send(mail_from, list(rcpt_tos), b"Subject: hi\r\n\r\nHello\r\n", **kw).addBoth(
+            outcome.append
+        )
+        return outcome
+
+
+def settled(outcome):
+    assert len(outcome) == 1, "the Deferred has not fired"
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+def test_two_transactions_share_one_connection_and_one_ehlo(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    tracer = Tracer(trace, "mta", "mta", "a.test")
+    w = SessionWire(tracer=tracer)
+    session = w.ready(b"8BITMIME")
+    first = w.transact(session, tracer=tracer.bind(message_id="<one@a.test>"))
+    assert w.sent() == b"MAIL FROM:<alice@a.test>\r\n"  # no PIPELINING: lock step
+    w.reply(b"250 Ok")
+    assert w.sent() == b"RCPT TO:<bob@b.test>\r\n"
+    w.reply(b"250 Ok")
+    assert w.sent() == b"DATA\r\n"
+    w.reply(b"354 Go ahead")
+    w.sent()
+    w.reply(b"250 2.0.0 queued as 1")
+    assert w.sent() == b""  # no QUIT: the connection stays for the next message
+    one = settled(first)
+    assert one.ok and (one.count, one.conn) == (1, session.conn)
+
+    second = w.transact(session, rcpt_tos=["carol@b.test"], tracer=tracer.bind(message_id="<two@a.test>"))
+    # Straight to MAIL, on the same transport: no greeting, no EHLO, no RSET.
+    assert w.sent() == b"MAIL FROM:<alice@a.test>\r\n"
+    w.reply(b"250 Ok", b"250 Ok", b"354 Go ahead")
+    w.sent()
+    w.reply(b"250 2.0.0 queued as 2")
+    two = settled(second)
+    assert two.ok and two.count == 2 and two.conn == one.conn
+    assert two.recipients[0].address == "carol@b.test"
+    assert two.timings["connected"] < two.timings["start"]  # the connection was older
+    assert session.transactions == 2 and session.usable
+
+    events = read_trace(trace)
+    ehlos = [e for e in events if e.get("line", "").startswith("EHLO")]
+    assert len(ehlos) == 1
+    # Transaction lines carry their own message; connection events carry none.
+    mails = [e for e in events if e.get("line", "").startswith("MAIL")]
+    assert [e["message_id"] for e in mails] == ["<one@a.test>", "<two@a.test>"]
+    connected = next(e for e in events if e["event"] == "relay.connected")
+    assert "message_id" not in connected
+    numbers = [(e["number"], e["message_id"]) for e in events if e["event"] == "relay.transaction"]
+    assert numbers == [(1, "<one@a.test>"), (2, "<two@a.test>")]
+    tracer.close()
+
+
+def test_refused_mail_keeps_the_session_and_the_next_one_starts_with_rset():
+    w = SessionWire()
+    session = w.ready(b"ENHANCEDSTATUSCODES")
+    first = w.transact(session)
+    w.sent()
+    w.reply(b"550 5.7.1 Sender blocked")
+    error = first[0].value
+    assert isinstance(error, SMTPDeliveryError) and (error.stage, error.code) == ("MAIL", 550)
+    assert session.usable and w.sent() == b""  # no QUIT: the server is in step with us
+
+    second = w.transact(session, mail_from="")
+    assert w.sent() == b"RSET\r\n"  # RFC 5321 4.1.1.5: start from a clean slate
+    w.reply(b"250 2.0.0 Ok")
+    assert w.sent() == b"MAIL FROM:<>\r\n"
+    w.reply(b"250 Ok", b"250 Ok", b"354 Go ahead", b"250 2.0.0 Ok")
+    assert settled(second).ok
+    w.sent()
+    third = w.transact(session)
+    assert w.sent() == b"MAIL FROM:<alice@a.test>\r\n"  # that transaction ended cleanly
+    assert third == []
+
+
+def test_all_recipients_refused_keeps_the_session():
+    w = SessionWire()
+    session = w.ready()
+    first = w.transact(session, rcpt_tos=["x@b.test"])
+    w.reply(b"250 Ok", b"550 5.1.1 No such user")
+    assert first[0].value.recipients[0].code == 550
+    assert session.usable
+    w.sent()
+    w.transact(session)
+    assert w.sent() == b"RSET\r\n"  # MAIL was accepted: the server holds a transaction
+
+
+def test_pipelining_sends_mail_and_every_rcpt_in_one_write():
+    w = SessionWire()
+    session = w.ready(b"PIPELINING", b"8BITMIME")
+    w.transport.writes.clear()
+    outcome = w.transact(session, rcpt_tos=["bob@b.test", "nobody@b.test"])
+    assert w.transport.writes == [
+        b"MAIL FROM:<alice@a.test>\r\nRCPT TO:<bob@b.test>\r\nRCPT TO:<nobody@b.test>\r\n"
+    ]
+    w.sent()
+    w.reply(b"250 Ok", b"250 Ok")
+    assert w.sent() == b""  # DATA waits for the last RCPT reply (RFC 2920 3.1)
+    w.reply(b"550 5.1.1 No such user")
+    assert w.sent() == b"DATA\r\n"
+    w.reply(b"354 Go ahead")
+    w.sent()
+    w.reply(b"250 2.0.0 Ok")
+    assert [r.code for r in settled(outcome).recipients] == [250, 550]
+
+
+def test_pipelined_refused_mail_reads_every_reply_then_rset_rides_along():
+    w = SessionWire()
+    session = w.ready(b"PIPELINING")
+    first = w.transact(session, rcpt_tos=["bob@b.test", "carol@b.test"])
+    w.sent()
+    w.reply(b"451 4.3.0 Try later")
+    assert first == []  # the RCPT replies are still due
+    w.reply(b"503 5.5.1 Need MAIL", b"503 5.5.1 Need MAIL")
+    assert (first[0].value.stage, first[0].value.code) == ("MAIL", 451)
+    assert w.sent() == b"" and session.usable  # no DATA; in step
+    w.transport.writes.clear()
+    w.transact(session)
+    assert w.transport.writes == [b"RSET\r\nMAIL FROM:<alice@a.test>\r\nRCPT TO:<bob@b.test>\r\n"]
+
+
+def test_transactions_queue_one_behind_the_other():
+    w = SessionWire()
+    session = w.ready()
+    first = w.transact(session)
+    second = w.transact(session, mail_from="carol@a.test")
+    assert w.sent() == b"MAIL FROM:<alice@a.test>\r\n"  # only the first runs
+    assert session.busy
+    w.reply(b"250 Ok", b"250 Ok", b"354 Go")
+    w.sent()
+    w.reply(b"250 Ok")
+    assert settled(first).ok
+    assert w.sent() == b"MAIL FROM:<carol@a.test>\r\n"  # now the second
+    assert second == []
+
+
+def test_lmtp_session_reads_per_recipient_replies_each_time():
+    w = SessionWire(lmtp=True)
+    w.reply(b"220 lmtp.b.test LMTP")
+    assert w.sent() == b"LHLO mx.a.test\r\n"
+    w.reply(b"250-lmtp.b.test", b"250 PIPELINING")
+    session = w.result
+    for n in (1, 2):
+        outcome = w.transact(session, rcpt_tos=["bob@b.test", "carol@b.test"])
+        w.reply(b"250 Ok", b"250 Ok", b"250 Ok", b"354 Go")
+        w.reply(b"250 2.0.0 bob stored")
+        assert outcome == []
+        w.reply(b"452 4.2.2 carol is over quota")
+        result = settled(outcome)
+        assert [(r.code, r.status) for r in result.recipients] == [(250, "2.0.0"), (452, "4.2.2")]
+        assert result.count == n
+    assert b"LHLO" not in w.sent().split(b"\r\n", 1)[1]  # one LHLO in all
+
+
+def test_connection_lost_while_idle_makes_the_session_unusable():
+    w = SessionWire()
+    session = w.ready()
+    w.protocol.connectionLost(Failure(ConnectionLost("reset by peer")))
+    assert not session.usable
+    outcome = w.transact(session)
+    assert (outcome[0].value.status, outcome[0].value.code) == ("4.4.2", 421)
+    assert w.sent() == b""
+
+
+def test_421_to_mail_quits_and_the_session_is_dead():
+    w = SessionWire()
+    session = w.ready()
+    first = w.transact(session)
+    w.sent()
+    w.reply(b"421 4.3.2 Shutting down")
+    assert w.sent() == b"QUIT\r\n"
+    assert first[0].value.code == 421 and not session.usable
+
+
+def test_unsolicited_421_while_idle_drops_the_connection():
+    w = SessionWire()
+    session = w.ready()
+    w.reply(b"421 4.4.2 mx.b.test Error: timeout exceeded")
+    assert not session.usable and w.transport.disconnecting
+
+
+def test_idle_session_has_no_command_timeout_but_a_transaction_does():
+    w = SessionWire(timeout=10)
+    session = w.ready()
+    w.reactor.advance(60)  # idle: how long to keep it is the owner's choice
+    assert session.usable
+    outcome = w.transact(session)
+    w.reactor.advance(10)
+    assert outcome[0].value.status == "4.4.2" and "MAIL" in str(outcome[0].value)
+    assert not session.usable
+
+
+def test_close_quits_and_fires_when_the_connection_is_gone():
+    w = SessionWire()
+    session = w.ready()
+    closed = []
+    session.close().addBoth(closed.append)
+    assert w.sent() == b"QUIT\r\n" and not session.usable
+    w.reply(b"221 Bye")
+    assert w.transport.disconnecting and closed == []
+    w.protocol.connectionLost(Failure(ConnectionLost()))
+    assert closed == [None]
+    later = w.transact(session)
+    assert later[0].value.status == "4.4.2"
+
+
+def test_close_waits_for_the_running_transaction():
+    w = SessionWire()
+    session = w.ready()
+    outcome = w.transact(session)
+    session.close()
+    assert w.sent() == b"MAIL FROM:<alice@a.test>\r\n"
+    w.reply(b"250 Ok", b"250 Ok", b"354 Go")
+    w.sent()
+    w.reply(b"250 Ok")
+    assert settled(outcome).ok
+    assert w.sent() == b"QUIT\r\n"
+
+
 # --- Real TLS over loopback ----------------------------------------------------------------
 
 
+@implementer(IHandshakeListener)
 class TinyServer(LineReceiver):
-    """Just enough of an SMTP server to take one message, with STARTTLS."""
+    """Just enough of an SMTP server to take messages, with STARTTLS and
+    PIPELINING (it answers each line as it reads it, so replies stay in
+    order). It counts connections and TLS handshakes."""
 
     def connectionMade(self):
         self.in_data, self.lines, self.tls = False, [], self.factory.implicit
+        self.factory.connections += 1
         self.sendLine(b"220 mx.lab.test ESMTP tiny")
+
+    def handshakeCompleted(self):
+        self.factory.handshakes += 1
 
     def lineReceived(self, line):
         if self.in_data:
@@ -516,15 +791,15 @@ class TinyServer(LineReceiver):
         verb = line.split(b" ", 1)[0].upper()
         if verb == b"EHLO":
             self.sendLine(b"250-mx.lab.test" if self.tls else b"250-mx.lab.test\r\n250-STARTTLS")
-            self.sendLine(b"250 8BITMIME")
+            self.sendLine(b"250-PIPELINING\r\n250 8BITMIME")
         elif verb == b"STARTTLS":
             self.sendLine(b"220 2.0.0 Ready")
             self.transport.startTLS(self.factory.context)
             self.tls = True
-        elif verb in (b"MAIL", b"RCPT"):
+        elif verb in (b"MAIL", b"RCPT", b"RSET"):
             self.sendLine(b"250 Ok")
         elif verb == b"DATA":
-            self.in_data = True
+            self.in_data, self.lines = True, []
             self.sendLine(b"354 Go ahead")
         elif verb == b"QUIT":
             self.sendLine(b"221 Bye")
@@ -553,6 +828,7 @@ class LoopbackTLSTests(trial.TestCase):
         factory = Factory.forProtocol(TinyServer)
         factory.context, factory.implicit = server_context(pem), implicit
         factory.messages, factory.closed = [], defer.Deferred()
+        factory.connections = factory.handshakes = 0
         if implicit:
             port = reactor.listenSSL(0, factory, factory.context, interface="127.0.0.1")
         else:
@@ -580,6 +856,49 @@ class LoopbackTLSTests(trial.TestCase):
         self.assertEqual(factory.messages, [b".dot first\r\nbody\r\n"])
         done = [e for e in read_trace(trace) if e["event"] == "tls.done"]
         self.assertTrue(done[0]["version"].startswith("TLSv1."))
+
+    @defer.inlineCallbacks
+    def test_two_messages_over_one_session_one_tls_handshake(self):
+        factory, port = self.start_server(implicit=False)
+        session = yield open_session(
+            reactor, "127.0.0.1", port, helo="mx.a.test", tls="starttls",
+            tls_hostname="mx.lab.test", ca_cert=self.ca, timeout=5,
+        )
+        self.assertTrue(session.tls and session.usable)
+        first = yield session.send("alice@a.test", ["bob@lab.test"], b"first\r\n")
+        second = yield session.send("alice@a.test", ["carol@lab.test"], b"second\r\n")
+        self.assertTrue(first.ok and second.ok)
+        self.assertEqual((first.count, second.count), (1, 2))
+        self.assertEqual(first.conn, second.conn)
+        yield session.close()
+        yield factory.closed
+        self.assertEqual(factory.messages, [b"first\r\n", b"second\r\n"])
+        self.assertEqual((factory.connections, factory.handshakes), (1, 1))
+
+    @defer.inlineCallbacks
+    def test_connection_cache_reuses_the_tls_connection(self):
+        factory, port = self.start_server(implicit=False)
+        trace = self.temp_dir() / "trace.jsonl"
+        tracer = Tracer(trace, "mta", "mta", "a.test")
+        self.addCleanup(tracer.close)
+        cache = ConnectionCache(reactor, max_idle=5, tracer=tracer)
+        for n in range(3):
+            result = yield cache.send(
+                "127.0.0.1", port, helo="mx.a.test", mail_from="alice@a.test",
+                rcpt_tos=["bob@lab.test"], content=b"message %d\r\n" % n, tls="starttls",
+                tls_hostname="mx.lab.test", ca_cert=self.ca, timeout=5,
+                tracer=tracer.bind(queue_id=f"Q{n}"),
+            )
+            self.assertEqual(result.count, n + 1)
+        yield cache.close_all()  # QUIT; also cancels the idle timer, or trial complains
+        yield factory.closed
+        self.assertEqual((factory.connections, factory.handshakes), (1, 1))
+        self.assertEqual(len(factory.messages), 3)
+        events = read_trace(trace)
+        reuses = [(e["queue_id"], e["count"]) for e in events if e["event"] == "relay.reuse"]
+        self.assertEqual(reuses, [("Q1", 2), ("Q2", 3)])
+        closes = [e["reason"] for e in events if e["event"] == "relay.cache.close"]
+        self.assertEqual(closes, ["shutdown"])
 
     @defer.inlineCallbacks
     def test_implicit_tls_verified_delivery(self):
