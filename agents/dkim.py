@@ -188,21 +188,12 @@ def sign(content: bytes, key: DKIMKey) -> bytes:
     present = {name.lower() for name, _ in header_fields(content)}
     include = [h for h in SIGNED_HEADERS if h.lower() in present]
     include += [h for h in OVERSIGNED if h.lower() in present]
-    signature = dkimpy.sign(
-        content, key.selector.encode(), key.domain.encode(), key.dkimpy_private_key(),
-        signature=ALGORITHMS[key.algorithm] if False else None,
-        canonicalize=(b"relaxed", b"relaxed"), include_headers=[h.encode() for h in include],
-        length=False, linesep=b"\r\n", logger=_quiet,
-    ) if False else _sign(content, key, include)
-    return signature + content
-
-
-def _sign(content: bytes, key: DKIMKey, include: list[str]) -> bytes:
     signer = dkimpy.DKIM(content, signature_algorithm=ALGORITHMS[key.algorithm],
                          linesep=b"\r\n", logger=_quiet)
-    return signer.sign(key.selector.encode(), key.domain.encode(), key.dkimpy_private_key(),
-                       canonicalize=(b"relaxed", b"relaxed"),
-                       include_headers=[h.encode() for h in include], length=False)
+    signature = signer.sign(key.selector.encode(), key.domain.encode(), key.dkimpy_private_key(),
+                            canonicalize=(b"relaxed", b"relaxed"),
+                            include_headers=[h.encode() for h in include], length=False)
+    return signature + content
 
 
 # -- verifying -------------------------------------------------------------------

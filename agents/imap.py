@@ -870,7 +870,12 @@ class IMAPServer(imap4.IMAP4Server):
     def do_IDLE(self, tag):
         """IDLE (RFC 2177): report what is pending, then push EXISTS as mail comes."""
         self._report_changes()
-        super().do_IDLE(tag)
+        # Twisted answers a bare "+", but RFC 3501 9 requires "+" SP text
+        # (continue-req); RFC 2177's own example says "+ idling".
+        self.sendContinuationRequest(b"idling")
+        self.parseTag = tag
+        self.lastState = self.parseState
+        self.parseState = "idle"
 
     select_IDLE = auth_IDLE = (do_IDLE,)
 

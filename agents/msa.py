@@ -6,7 +6,10 @@ the first byte, RFC 8314) is a *user* of this provider, so the MSA:
 * requires TLS before authentication, and authentication before MAIL
   (RFC 6409 4.3, RFC 4954 4, RFC 3207 4);
 * lets a user send only as themselves: envelope sender and ``From:`` must be
-  the authenticated address (RFC 6409 4.1 lets the MSA enforce this);
+  the authenticated address (RFC 6409 4.1 lets the MSA enforce this;
+  ``[security] enforce_sender = false`` turns it off for the spoofing lesson);
+* slows down password guessing and limits how many messages a user or a
+  client address may send per minute (:mod:`agents.security`);
 * completes the message: ``Message-ID`` and ``Date`` when missing (RFC 6409
   8.2, 8.3) and its own ``Received:`` line (RFC 5321 4.4);
 * spools it durably, answers 250, then hands it to its domain's MTA, which
@@ -18,14 +21,14 @@ rules (syntax, sequence, TLS, AUTH mechanics) live in :mod:`agents.smtpserver`.
 
 from __future__ import annotations
 
-from email.utils import getaddresses
-
 from twisted.internet import defer
 
 from .dsn import bounce_maker
+from .guards import SubmissionGuard
 from .headers import complete_for_submission, get_header, received_field
 from .queue import DeliveryQueue
 from .routing import Router
+from .security import login_throttle
 from .smtpserver import Reply, ServerPolicy, SMTPHandler, SMTPServerFactory, make_auth_portal
 from .spool import Spool, new_queue_id
 from .users import UserDB, UserDBChecker
@@ -38,21 +41,21 @@ class SubmissionPolicy(SMTPHandler):
         self.ctx = ctx
         self.queue = queue
         self.domain = ctx.domain
+        self.guard = SubmissionGuard.for_agent(ctx)
 
     def handle_MAIL(self, session, envelope, address, options):
-        # RFC 6409 4.1 and 8.1: the MSA may check that the sender is the
-        # authenticated user. We do: a lab user may not send as another.
-        if address.lower() != (session.user or "").lower():
-            return Reply(550, "5.7.1", f"Sender address <{address}> not owned by user {session.user}")
-        return None
+        # Message rate limits (450 4.7.1), then RFC 6409 4.1 and 8.1: the MSA
+        # may check that the sender is the authenticated user. We do: a lab
+        # user may not send as another (agents.guards.SubmissionGuard).
+        return self.guard.check_mail(session, address)
 
     def handle_DATA(self, session, envelope):
         from_header = get_header(envelope.content, "From")
-        owners = {addr.lower() for _name, addr in getaddresses([from_header or ""])}
         if from_header is None:
             return Reply(550, "5.6.0", "Message has no From: header (RFC 5322 3.6)")
-        if owners != {session.user.lower()}:
-            return Reply(550, "5.7.1", f"From: header must be your own address <{session.user}>")
+        refused = self.guard.check_from(session, from_header)
+        if refused is not None:
+            return refused
         content, message_id = complete_for_submission(envelope.content, self.domain.name)
         queue_id = new_queue_id()
         received = received_field(
@@ -88,6 +91,7 @@ def build(ctx) -> None:
             tls_context=tls,
             implicit_tls=implicit_tls,
             require_auth=True,
+            login_throttle=login_throttle(ctx),  # one for both ports
         )
 
     ctx.listen_tcp("submission", SMTPServerFactory(policy(False), handler, portal=portal, tracer=ctx.tracer))

@@ -20,6 +20,7 @@ from __future__ import annotations
 from twisted.internet import defer
 
 from .dsn import bounce_maker
+from .guards import RelayGuard
 from .headers import get_header, header_fields, received_field
 from .queue import DeliveryQueue, outcomes_for_failure
 from .routing import Router
@@ -41,12 +42,17 @@ class TransferPolicy(SMTPHandler):
         self.ctx = ctx
         self.queue = queue
         self.domain = ctx.domain
+        self.relay_guard = RelayGuard(ctx.tracer)
 
     def is_own_msa(self, session) -> bool:
         """Is the client our own provider's MSA? (The lab's "mynetworks".)"""
         return session.peer == self.domain.address
 
     def handle_RCPT(self, session, envelope, address, options):
+        if not self.is_own_msa(session):  # user%elsewhere@here and friends: 550 5.7.1
+            refused = self.relay_guard.check(session, address)
+            if refused is not None:
+                return refused
         rcpt_domain = domain_of(address)
         if rcpt_domain == self.domain.name:
             if self.ctx.config.user(address) is None:
@@ -54,7 +60,7 @@ class TransferPolicy(SMTPHandler):
             return None
         if self.is_own_msa(session):
             return None
-        return Reply(554, "5.7.1", f"<{address}>: Relay access denied")
+        return self.relay_guard.deny(session, address)  # 554 5.7.1 Relay access denied
 
     def handle_DATA(self, session, envelope):
         hops = sum(1 for name, _ in header_fields(envelope.content) if name.lower() == "received")

@@ -326,18 +326,31 @@ class RateLimiter:
 
     def hit(self, key: str) -> bool:
         """Count one event for ``key``; False (and not counted) if over the limit."""
-        if not self.limit:
-            return True
-        now = self.clock.seconds()
-        times = self._log.setdefault(key, deque())
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        if len(times) >= self.limit:
+        if self.full(key):
             return False
-        times.append(now)
+        self.record(key)
+        return True
+
+    def full(self, key: str) -> bool:
+        """Would one more event for ``key`` go over the limit?"""
+        if not self.limit:
+            return False
+        times = self._log.get(key)
+        if not times:
+            return False
+        horizon = self.clock.seconds() - self.window
+        while times and times[0] <= horizon:
+            times.popleft()
+        return len(times) >= self.limit
+
+    def record(self, key: str) -> None:
+        """Count one event for ``key`` (whether or not it was over the limit)."""
+        if not self.limit:
+            return
+        now = self.clock.seconds()
+        self._log.setdefault(key, deque()).append(now)
         if len(self._log) > LoginThrottle.MAX_CLIENTS:
             self._forget_idle(now)
-        return True
 
     def count(self, key: str) -> int:
         times = self._log.get(key, ())

@@ -434,6 +434,8 @@ class SessionProtocol(smtp.ESMTPClient):
 
     @property
     def pipelining(self) -> bool:
+        """The server said PIPELINING in its EHLO reply (RFC 2920): it reads
+        commands as a stream, so we may send several before the replies."""
         return b"PIPELINING" in self.extensions
 
     def _line_tracer(self) -> Tracer:
@@ -1017,6 +1019,12 @@ class SessionProtocol(smtp.ESMTPClient):
         )
 
     def connectionLost(self, reason=None) -> None:
+        """The connection is gone: settle whatever waited on it.
+
+        During the setup, ``opened`` fails; during a transaction, the
+        transaction fails (4.4.2) -- unless it is LMTP and some recipients
+        already have their verdict; while idle, there is only a trace event.
+        """
         self.connected = False
         super().connectionLost(reason)  # stops the idle timer
         was, self.phase = self.phase, Phase.CLOSED

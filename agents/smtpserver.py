@@ -809,7 +809,12 @@ class SMTPServer(smtp.ESMTP):
         self._send(Reply(502, "5.5.1", "EXPN not implemented"), "EXPN")  # RFC 5321 3.5.2
 
     def do_HELP(self, arg: bytes) -> None:
-        commands = " ".join(sorted(self.COMMANDS))
+        offered = set(self.COMMANDS)
+        if not self.challengers or self.portal is None:
+            offered.discard("AUTH")  # RFC 4954: AUTH only where it can succeed
+        if not self.canStartTLS:
+            offered.discard("STARTTLS")
+        commands = " ".join(sorted(offered))
         self._send(Reply(214, "2.0.0", f"Commands: {commands}. See RFC 5321."))
 
     def do_QUIT(self, arg: bytes) -> None:

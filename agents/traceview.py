@@ -320,16 +320,23 @@ def _relay_spans(index: _Index, a: dict, b: dict, client_conn: str | None,
     handoff = [e for e in index.by_conn.get(client_conn, ())
                if e["event"] == "line" and e["dir"] == "S" and _HANDOFF.search(e["line"])
                and _HANDOFF.search(e["line"]).group(1) == b.get("queue_id")]
+    protocol = "LMTP" if b["event"] == "stored" else "SMTP"
+    session = f"{protocol} session (client)"
     if connected is not None and connected["ts"] >= window_start:
+        # A connection opened for this message. (A connection cache opens it
+        # before it knows which message it will carry: then relay.connect
+        # names no queue id, only the host it dials.)
         connects = [e for e in index.of_agent(agent, ("relay.connect",), window_start, connected["ts"])
-                    if e.get("queue_id") == a.get("queue_id")]
+                    if e.get("queue_id") in (None, a.get("queue_id"))
+                    and connected.get("peer") in (None, e.get("host"))]
         dns_until = connects[-1]["ts"] if connects else connected["ts"]
         if connects:
             spans.append(Span("TCP connect", "connect", agent, connects[-1]["ts"], connected["ts"], client_conn))
         session_start = connected["ts"]
     else:
-        # A connection opened earlier for other mail (a batch): this
-        # message's transaction starts with its MAIL FROM.
+        # A connection opened earlier for other mail (a batch, or a cached
+        # connection): no connect, no TLS; the transaction starts at MAIL FROM.
+        session = f"{protocol} transaction on a reused connection (client)"
         dns_until = handoff[0]["ts"] if handoff else b["ts"]
         mails = [e for e in index.by_conn.get(client_conn, ())
                  if e["event"] == "line" and e["dir"] == "C" and e["line"].upper().startswith("MAIL FROM")
@@ -339,8 +346,7 @@ def _relay_spans(index: _Index, a: dict, b: dict, client_conn: str | None,
     spans += _pair(index, client_conn, "tls.start", "tls.done", "TLS handshake (client)", "tls", agent)
     if session_start is not None and handoff:
         done = index.on_conn(client_conn, "relay.done", handoff[0]["ts"])
-        protocol = "LMTP" if b["event"] == "stored" else "SMTP"
-        spans.append(Span(f"{protocol} session (client)", "smtp", agent, session_start,
+        spans.append(Span(session, "smtp", agent, session_start,
                           done[0]["ts"] if done else handoff[0]["ts"], client_conn))
 
     server = b["agent"]

@@ -170,7 +170,7 @@ def test_idle_hears_new_mail_at_once(client):
     client.deliver()
     client.login()
     client.send(b"s SELECT INBOX")
-    assert client.send(b"i IDLE") == b"+\r\n"
+    assert client.send(b"i IDLE") == b"+ idling\r\n"  # RFC 3501 9: "+" SP text
     client.deliver()  # the MDA delivering over LMTP, in the same process
     assert client.take() == b"* 2 EXISTS\r\n* 2 RECENT\r\n"
     assert client.send(b"DONE") == b"i OK IDLE terminated\r\n"

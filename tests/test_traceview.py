@@ -199,7 +199,19 @@ def test_a_session_reused_for_many_messages_times_only_this_transaction():
         line(5.2, "mua", "mua/1/1", "S", "250 2.0.0 Ok: queued as Q1"),
         ev(5.3, "mua", "relay.done", conn="mua/1/1"),
     ]
-    assert spans_of(journey(events, MID).hops[0]) == {"SMTP session (client)": (1, 4.3)}
+    assert spans_of(journey(events, MID).hops[0]) == {
+        "SMTP transaction on a reused connection (client)": (1, 4.3)}
+
+
+def test_a_cached_connection_opened_before_its_message_is_known():
+    """A connection cache dials first (relay.connect without queue id), then binds."""
+    events = [e for e in hand_made_trace() if not (e["agent"] == MSA and e["event"] == "relay.connect")]
+    events.append(ev(16, MSA, "relay.connect", host="127.1.1.1"))
+    for e in events:
+        if e["event"] == "relay.connected" and e["agent"] == MSA:
+            e.pop("queue_id"), e.pop("message_id")
+            e["peer"] = "127.1.1.1"
+    assert spans_of(journey(events, MID).hops[1])["TCP connect"] == (16, 1)
 
 
 def test_transcripts():
@@ -301,9 +313,13 @@ def test_real_journey_has_every_hop_in_order(traced):
             assert any(e["event"] == "relay.connected" for e in events if e.get("conn") == hop.client_conn)
             server = [e["event"] for e in events if e.get("conn") == hop.server_conn]
             assert {"connection.accepted", "smtp.data.end", "line"} <= set(server)
-        for hop in trip.hops[:3]:  # STARTTLS on every SMTP hop, seen from both ends
-            kinds = [s.name for s in hop.spans if s.kind == "tls"]
-            assert kinds.count("TLS handshake (client)") == kinds.count("TLS handshake (server)") == 1, text_waterfall(trip)
+        for hop in trip.hops[:3]:
+            # STARTTLS on every SMTP hop, seen from both ends; unless the
+            # relay reused a connection that did its TLS for earlier mail.
+            names = [s.name for s in hop.spans]
+            reused = any("reused connection" in n for n in names)
+            assert reused or names.count("TLS handshake (client)") == names.count("TLS handshake (server)") == 1
+        assert "TLS handshake (client)" in [s.name for s in trip.hops[0].spans]  # a new MUA each time
         assert trip.hops[-1].server_conn  # the IMAP session that fetched it
     # One journey per message: no connection carries both.
     conns = [{c for h in t.hops for c in (h.client_conn, h.server_conn) if c} for t in trips]
@@ -317,8 +333,8 @@ def test_real_waterfall_and_sequence_pictures(traced):
     trip = journey(events, ids[0])
     bars = {c.get_label(): len(c) for c in plot_waterfall(trip).containers}
     assert bars[KIND_LABELS["hop"]] == len(HOPS)
-    assert bars[KIND_LABELS["dns"]] >= 4  # MUA, MSA, MX + A at the MTA, the LMTP host
-    assert bars[KIND_LABELS["tls"]] >= 6
+    assert bars[KIND_LABELS["dns"]] >= 2  # at least the two MUAs' lookups (relays may cache)
+    assert bars[KIND_LABELS["tls"]] >= 2  # at least submission, client and server side
     assert bars[KIND_LABELS["auth"]] == 1
     conn = trip.hops[2].client_conn  # the relay between the two domains
     ax = plot_sequence(events, conn)
