@@ -84,6 +84,16 @@ class TracingDNSServerFactory(server.DNSServerFactory):
             )
         return super().handleQuery(message, protocol, address)
 
+    def _responseFromMessage(self, message, rCode=dns.OK, answers=None, authority=None, additional=None):
+        # Twisted sets AA only when an *answer* is authoritative. A negative
+        # answer from our own zone (NODATA: the name exists, the type does
+        # not) has no answers, only our SOA in the authority section, and is
+        # just as authoritative (RFC 1035 4.1.1, RFC 2308 2.2).
+        response = super()._responseFromMessage(message, rCode, answers, authority, additional)
+        if any(getattr(r, "auth", False) for r in authority or []):
+            response.auth = True
+        return response
+
 
 def listen(reactor, config: LabConfig, tracer) -> list:
     """Serve the lab zones on UDP and TCP (RFC 1035 4.2) at the lab DNS address."""

@@ -426,12 +426,33 @@ def journey(events: Iterable[dict], message_id: str) -> Journey:
         hops.append(Hop(a["agent"], b["agent"], _via(a, b), a["ts"], b["ts"],
                         client_conn, server_conn, spans))
     hops.sort(key=lambda h: (h.start_us, h.end_us))
-    conns = {c for h in hops for c in (h.client_conn, h.server_conn) if c}
-    span_times = {(s.agent, s.start_us) for h in hops for s in h.spans if s.kind == "dns"}
-    joined = [e for e in events
-              if e.get("message_id") == message_id or e.get("conn") in conns
-              or (e["event"].startswith("dns.") and (e["agent"], e["ts"]) in span_times)]
-    return Journey(message_id, hops, joined)
+    return Journey(message_id, hops, _joined_events(events, message_id, hops))
+
+
+def _joined_events(events: list[dict], message_id: str, hops: list[Hop]) -> list[dict]:
+    """The message's own events, its DNS lookups, and its hops' connection events.
+
+    A connection may carry other mail too (a cached relay connection): only
+    its events while it carried this message, and none that name another.
+    """
+    windows = defaultdict(list)  # conn -> [(from, to)]
+    for hop in hops:
+        lines = hop_transcript(events, hop)
+        end = max([hop.end_us, *(s.end_us for s in hop.spans), *(ts for ts, *_ in lines[-1:])])
+        for conn in (hop.client_conn, hop.server_conn):
+            if conn:
+                windows[conn].append((hop.start_us, end))
+    lookups = {(s.agent, s.start_us) for h in hops for s in h.spans if s.kind == "dns"}
+    lookups |= {(s.agent, s.end_us) for h in hops for s in h.spans if s.kind == "dns"}
+    joined = []
+    for e in events:
+        if e.get("message_id") not in (None, message_id):
+            continue
+        if (e.get("message_id") == message_id
+                or any(start <= e["ts"] <= end for start, end in windows.get(e.get("conn"), ()))
+                or (e["event"].startswith("dns.") and (e["agent"], e["ts"]) in lookups)):
+            joined.append(e)
+    return joined
 
 
 # -- showing ---------------------------------------------------------------

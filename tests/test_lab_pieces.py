@@ -134,3 +134,17 @@ def test_checker_caches_successful_logins_without_keeping_passwords(tmp_path, mo
     now[0] = 61
     checker.requestAvatarId(UsernamePassword(b"a@x.test", b"pw"))
     assert len(calls) == 3  # expired
+
+
+def test_negative_answer_from_our_zone_is_authoritative():
+    from agents.dns import TracingDNSServerFactory
+    from agents.trace import NULL_TRACER
+
+    c = LabConfig.load(None)
+    factory = TracingDNSServerFactory([LabZone(c.domain("recipient.test"), c.dns_address, c.ttl)], NULL_TRACER)
+    query = dns.Message()
+    query.addQuery(b"recipient.test", dns.A)
+    zone = factory.resolver.resolvers[0]
+    _, authority, _ = zone.lookupAddress("recipient.test").result
+    response = factory._responseFromMessage(query, answers=[], authority=authority)
+    assert response.auth and authority and authority[0].type == dns.SOA

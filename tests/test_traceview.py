@@ -321,9 +321,15 @@ def test_real_journey_has_every_hop_in_order(traced):
             assert reused or names.count("TLS handshake (client)") == names.count("TLS handshake (server)") == 1
         assert "TLS handshake (client)" in [s.name for s in trip.hops[0].spans]  # a new MUA each time
         assert trip.hops[-1].server_conn  # the IMAP session that fetched it
-    # One journey per message: no connection carries both.
-    conns = [{c for h in t.hops for c in (h.client_conn, h.server_conn) if c} for t in trips]
-    assert not conns[0] & conns[1]
+    # One journey per message: each message came in on its own submission
+    # connection; relay connections may be shared (a connection cache), but
+    # each hop's transcript holds exactly one transaction: this message's.
+    assert trips[0].hops[0].server_conn != trips[1].hops[0].server_conn
+    for trip in trips:
+        for hop in trip.hops[:4]:
+            commands = [text for _, d, text in hop_transcript(events, hop) if d == "C"]
+            assert sum(c.upper().startswith("MAIL FROM") for c in commands) == 1, commands
+        assert all(e.get("message_id") in (None, trip.message_id) for e in trip.events)
     arrivals = [e for e in events if e["event"] in ("spooled", "stored") and e.get("message_id") in ids]
     assert arrivals and all(e.get("conn") for e in arrivals)
 
