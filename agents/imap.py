@@ -45,6 +45,8 @@ from agents.maildir import (
     UnsafePath,
     check_folder_name,
 )
+from agents.security import ThrottledPortal, tls_failure
+from agents.security import event as security_event
 from agents.trace import NULL_TRACER, Tracer
 
 #: IMAP system flags (RFC 3501 2.3.2) and their Maildir letters.
@@ -765,26 +767,38 @@ def _sets_seen(part) -> bool:
     )
 
 
+@implementer(interfaces.IHandshakeListener)
 class IMAPServer(imap4.IMAP4Server):
     """Twisted's IMAP4rev1 server with the lab's fixes and a line trace.
 
     With a TLS context and no TLS yet, Twisted advertises
     ``STARTTLS LOGINDISABLED`` and refuses LOGIN (RFC 3501 6.2.3; RFC 8314
     prefers implicit TLS, for which this server is simply wrapped in TLS).
+    With a ``throttle`` (:class:`agents.security.LoginThrottle`) failed logins
+    are answered ever later, and past the limit with ``* BYE`` and a hang-up.
     """
 
     IDENT = b"mailpipe IMAP4rev1 ready"
 
-    def __init__(self, store: MailStore, tls_context=None, tracer: Tracer = NULL_TRACER):
+    def __init__(self, store: MailStore, tls_context=None, tracer: Tracer = NULL_TRACER,
+                 throttle=None):  # fmt: skip
         super().__init__(contextFactory=tls_context)
-        self.store, self.tracer = store, tracer
+        self.store, self.tracer, self.throttle = store, tracer, throttle
         self.conn_id, self.peer, self.user = tracer.new_connection_id(), None, None
+        self._tls_begun = False  # implicit TLS, or STARTTLS answered
+        self._handshake_done = False
+        self._hang_up = False  # after the next tagged NO (too many failed logins)
 
     # -- connection, TLS and trace ---------------------------------------------
 
     def connectionMade(self):
         self.peer = getattr(self.transport.getPeer(), "host", None)
+        if self.throttle is not None and self._portal is not None:
+            self._portal = ThrottledPortal(self._portal, self.throttle, self.peer, protocol="imap",
+                                           tracer=self.tracer, conn=self.conn_id,
+                                           on_blocked=self._login_blocked)  # fmt: skip
         if interfaces.ISSLTransport(self.transport, None) is not None:
+            self._tls_begun = True
             # Implicit TLS (RFC 8314): the channel is private, offer LOGIN and
             # AUTHENTICATE PLAIN from the start.
             self.challengers = dict(self.challengers)
@@ -797,6 +811,9 @@ class IMAPServer(imap4.IMAP4Server):
         if self.mbox is not None:
             self.mbox.removeListener(self)
             self.mbox = None
+        if (self._tls_begun or self.startedTLS) and not self._handshake_done:
+            security_event(self.tracer, "security.tls_failed", conn=self.conn_id, peer=self.peer,
+                           protocol="imap", reason=tls_failure(reason))  # fmt: skip
         self.tracer.event("connection.closed", conn=self.conn_id, peer=self.peer)
         super().connectionLost(reason)
 
@@ -820,11 +837,17 @@ class IMAPServer(imap4.IMAP4Server):
 
     unauth_STARTTLS = (do_STARTTLS,)
 
+    def handshakeCompleted(self):
+        """IHandshakeListener: TLS is up (a handshake that never gets here failed)."""
+        self._handshake_done = True
+
     def sendNegativeResponse(self, tag=None, message=b""):
         """Twisted #12262: some error paths pass str; the wire wants bytes."""
         if isinstance(message, str):
             message = message.encode("utf-8")
         super().sendNegativeResponse(tag, message)
+        if self._hang_up:  # the tagged NO after "* BYE": now close (RFC 3501 7.1.5)
+            self.transport.loseConnection()
 
     # -- login ---------------------------------------------------------------
 
@@ -842,6 +865,20 @@ class IMAPServer(imap4.IMAP4Server):
         if ok:
             self.user = user.lower()
         self.tracer.event("imap.login", conn=self.conn_id, peer=self.peer, user=user, ok=ok)
+
+    def _login_blocked(self) -> None:
+        """Too many failed logins from this address: say BYE; the tagged NO follows, then we close."""
+        self.sendUntaggedResponse(b"BYE Too many failed logins, closing connection")
+        self._hang_up = True
+
+    def do_LOGIN(self, tag, user, passwd):
+        if b"LOGINDISABLED" in self.capabilities():  # refused by Twisted; the password is out
+            user_text = user.decode("utf-8", "replace") if isinstance(user, bytes) else user
+            security_event(self.tracer, "security.cleartext_auth", conn=self.conn_id, peer=self.peer,
+                           protocol="imap", user=user_text)  # fmt: skip
+        super().do_LOGIN(tag, user, passwd)
+
+    unauth_LOGIN = (do_LOGIN, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_finalastring)
 
     # -- mailbox changes at command boundaries (RFC 3501 7.4.1) ------------------
 
@@ -990,17 +1027,19 @@ class IMAPServer(imap4.IMAP4Server):
 class IMAPServerFactory(protocol.ServerFactory):
     """Builds one :class:`IMAPServer` per connection, sharing store and portal."""
 
-    def __init__(self, store: MailStore, portal, tls_context, tracer: Tracer):
+    def __init__(self, store: MailStore, portal, tls_context, tracer: Tracer, throttle=None):
         self.store, self.portal, self.tls_context, self.tracer = store, portal, tls_context, tracer
+        self.throttle = throttle
 
     def buildProtocol(self, addr):
-        server = IMAPServer(self.store, self.tls_context, self.tracer)
+        server = IMAPServer(self.store, self.tls_context, self.tracer, self.throttle)
         server.portal = self.portal
         server.factory = self
         return server
 
 
-def make_imap_factory(store, checker, tls_context, implicit_tls=False, tracer=NULL_TRACER):
+def make_imap_factory(store, checker, tls_context, implicit_tls=False, tracer=NULL_TRACER,
+                      throttle=None):  # fmt: skip
     """An IMAP server factory.
 
     * ``implicit_tls=False`` (port 143): listen with ``reactor.listenTCP``;
@@ -1009,9 +1048,12 @@ def make_imap_factory(store, checker, tls_context, implicit_tls=False, tracer=NU
     * ``implicit_tls=True`` (port 993, RFC 8314): listen with
       ``reactor.listenSSL(port, factory, tls_context)``; the server sees a
       TLS transport, so it offers LOGIN at once and no STARTTLS.
+
+    ``throttle``: an :class:`agents.security.LoginThrottle`, shared with the
+    agent's other listeners, that slows down and then stops password guessing.
     """
     portal = cred_portal.Portal(IMAPRealm(store), [checker])
-    return IMAPServerFactory(store, portal, None if implicit_tls else tls_context, tracer)
+    return IMAPServerFactory(store, portal, None if implicit_tls else tls_context, tracer, throttle)
 
 
 __all__ = [

@@ -22,6 +22,7 @@ from .imap import make_imap_factory
 from .lmtp import LMTPServerFactory
 from .maildir import MailStore
 from .pop3 import make_pop3_factory
+from .security import login_throttle
 from .smtpserver import Reply, ServerPolicy, SMTPHandler
 from .spool import new_queue_id
 from .users import UserDB, UserDBChecker
@@ -92,7 +93,9 @@ def build(ctx) -> None:
         require_auth=False,
     )
     ctx.listen_tcp("lmtp", LMTPServerFactory(lmtp_policy, LocalDeliveryPolicy(ctx, store), tracer=ctx.tracer))
-    ctx.listen_tcp("imap", make_imap_factory(store, checker, tls, tracer=ctx.tracer))
-    ctx.listen_ssl("imaps", make_imap_factory(store, checker, tls, implicit_tls=True, tracer=ctx.tracer), tls)
-    ctx.listen_tcp("pop3", make_pop3_factory(store, checker, tls, tracer=ctx.tracer))
-    ctx.listen_ssl("pop3s", make_pop3_factory(store, checker, tls, implicit_tls=True, tracer=ctx.tracer), tls)
+    # One brute-force throttle for all four: a guesser gains nothing by switching.
+    guard = {"tracer": ctx.tracer, "throttle": login_throttle(ctx)}
+    ctx.listen_tcp("imap", make_imap_factory(store, checker, tls, **guard))
+    ctx.listen_ssl("imaps", make_imap_factory(store, checker, tls, implicit_tls=True, **guard), tls)
+    ctx.listen_tcp("pop3", make_pop3_factory(store, checker, tls, **guard))
+    ctx.listen_ssl("pop3s", make_pop3_factory(store, checker, tls, implicit_tls=True, **guard), tls)

@@ -30,6 +30,8 @@ from zope.interface import implementer
 
 from agents.imap import TracingPortal
 from agents.maildir import MailStore
+from agents.security import LoginBlocked, ThrottledPortal, tls_failure
+from agents.security import event as security_event
 from agents.trace import NULL_TRACER, Tracer
 
 # --------------------------------------------------------------------------
@@ -172,30 +174,48 @@ class POP3Realm:
 # The protocol
 
 
+@implementer(interfaces.IHandshakeListener)
 class POP3Server(pop3.POP3):
-    """Twisted's POP3 with STLS, correct byte-stuffing and a line trace."""
+    """Twisted's POP3 with STLS, correct byte-stuffing and a line trace.
+
+    With a ``throttle`` (:class:`agents.security.LoginThrottle`) a wrong PASS
+    is answered ever later, and past the limit with ``-ERR`` and a hang-up.
+    """
 
     AUTH_CMDS = pop3.POP3.AUTH_CMDS + [b"STLS"]
     MAX_LENGTH = 512  # RFC 2449 4: commands are at most 255 octets; be lenient
 
-    def __init__(self, store: MailStore, tls_context=None, tracer: Tracer = NULL_TRACER):
+    def __init__(self, store: MailStore, tls_context=None, tracer: Tracer = NULL_TRACER,
+                 throttle=None):  # fmt: skip
         self.store, self.tls_context, self.tracer = store, tls_context, tracer
+        self.throttle = throttle
         self.conn_id, self.peer, self.user = tracer.new_connection_id(), None, None
         self._started_tls = False
         self._drop_clear_text = False
+        self._handshake_done = False
 
     # -- connection, TLS and trace -----------------------------------------------
 
     def connectionMade(self):
         # No APOP timestamp in the greeting (RFC 1939 7): APOP is not offered.
         self.peer = getattr(self.transport.getPeer(), "host", None)
+        if self.throttle is not None and self._portal is not None:
+            self._portal = ThrottledPortal(self._portal, self.throttle, self.peer, protocol="pop3",
+                                           tracer=self.tracer, conn=self.conn_id)  # fmt: skip
         self.tracer.event("connection.accepted", conn=self.conn_id, peer=self.peer, protocol="pop3")
         self.successResponse(b"mailpipe POP3 ready")
         self.setTimeout(self.timeOut)
 
     def connectionLost(self, reason):
+        if self.is_secure() and not self._handshake_done:
+            security_event(self.tracer, "security.tls_failed", conn=self.conn_id, peer=self.peer,
+                           protocol="pop3", reason=tls_failure(reason))  # fmt: skip
         self.tracer.event("connection.closed", conn=self.conn_id, peer=self.peer)
         super().connectionLost(reason)
+
+    def handshakeCompleted(self):
+        """IHandshakeListener: TLS is up (a handshake that never gets here failed)."""
+        self._handshake_done = True
 
     def is_secure(self) -> bool:
         return self._started_tls or interfaces.ISSLTransport(self.transport, None) is not None
@@ -284,21 +304,32 @@ class POP3Server(pop3.POP3):
 
     def do_USER(self, user):
         if self._needs_tls():
+            self._cleartext_auth("USER")
             self.failResponse(self._PLAINTEXT_REFUSED)
             return
         super().do_USER(user)
 
     def do_PASS(self, password=b"", *words):
         if self._needs_tls():
+            self._cleartext_auth("PASS")
             self.failResponse(self._PLAINTEXT_REFUSED)
             return
         super().do_PASS(password, *words)
+
+    def _cleartext_auth(self, command: str) -> None:
+        """The client sent credentials in clear; refused, but an eavesdropper has them."""
+        security_event(self.tracer, "security.cleartext_auth", conn=self.conn_id, peer=self.peer,
+                       protocol="pop3", command=command)  # fmt: skip
 
     def do_APOP(self, user=None, digest=None):
         self.failResponse(b"APOP not supported")
 
     def _ebMailbox(self, failure):
         failure.trap(cred_error.LoginDenied, cred_error.LoginFailed)
+        if failure.check(LoginBlocked):  # agents.security: too many failed logins
+            self.failResponse(b"[AUTH] Too many failed logins, closing connection")
+            self.transport.loseConnection()
+            return
         self.failResponse(b"[AUTH] Authentication failed")
 
     # -- transaction ----------------------------------------------------------------
@@ -399,26 +430,29 @@ class POP3Server(pop3.POP3):
 class POP3ServerFactory(protocol.ServerFactory):
     """Builds one :class:`POP3Server` per connection."""
 
-    def __init__(self, store: MailStore, portal, tls_context, tracer: Tracer):
+    def __init__(self, store: MailStore, portal, tls_context, tracer: Tracer, throttle=None):
         self.store, self.portal, self.tls_context, self.tracer = store, portal, tls_context, tracer
+        self.throttle = throttle
 
     def buildProtocol(self, addr):
-        server = POP3Server(self.store, self.tls_context, self.tracer)
+        server = POP3Server(self.store, self.tls_context, self.tracer, self.throttle)
         server.portal = self.portal
         server.factory = self
         return server
 
 
-def make_pop3_factory(store, checker, tls_context, implicit_tls=False, tracer=NULL_TRACER):
+def make_pop3_factory(store, checker, tls_context, implicit_tls=False, tracer=NULL_TRACER,
+                      throttle=None):  # fmt: skip
     """A POP3 server factory.
 
     ``implicit_tls=False`` (port 110): listen with ``reactor.listenTCP``;
     STLS is offered when ``tls_context`` is given and USER/PASS wait for it.
     ``implicit_tls=True`` (port 995, RFC 8314): listen with
-    ``reactor.listenSSL(port, factory, tls_context)``.
+    ``reactor.listenSSL(port, factory, tls_context)``. ``throttle``: see
+    :func:`agents.imap.make_imap_factory`.
     """
     portal = cred_portal.Portal(POP3Realm(store), [checker])
-    return POP3ServerFactory(store, portal, None if implicit_tls else tls_context, tracer)
+    return POP3ServerFactory(store, portal, None if implicit_tls else tls_context, tracer, throttle)
 
 
 __all__ = [

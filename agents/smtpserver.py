@@ -199,6 +199,23 @@ class ServerPolicy:
 LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
 
 
+class Hangup:
+    """A hook's verdict that is no reply at all: drop the connection now.
+
+    What a crash or a cut cable looks like to the client. Fault injection
+    (:mod:`agents.faults`) returns :data:`HANGUP` from ``handle_DATA`` to
+    cut a connection after the message but before the answer: the client
+    cannot know whether the message was taken (RFC 1047), so it must retry,
+    and the receiver may get it twice (RFC 5321 6.1 allows duplicates, never loss).
+    """
+
+    def __repr__(self) -> str:
+        return "HANGUP"
+
+
+HANGUP = Hangup()
+
+
 # ---------------------------------------------------------------------------
 # Command argument syntax (RFC 5321 4.1.2, 4.1.1.2-3)
 
@@ -542,6 +559,11 @@ class SMTPServer(smtp.ESMTP):
             nonlocal done
             done = True
             if self._closing:
+                return None
+            if isinstance(outcome, Hangup):
+                self._event("connection.dropped", reason="handler hung up")
+                self._closing = True
+                self.transport.abortConnection()
                 return None
             try:
                 apply(outcome)

@@ -1,0 +1,219 @@
+"""Sender authentication at the MTA: SPF, DKIM and DMARC, in and out.
+
+This module wires the three checks into the mail flow; each check lives in
+its own module (:mod:`agents.spf`, :mod:`agents.dkim`, :mod:`agents.dmarc`).
+
+**Outbound.** :class:`SigningRouter` is the MTA's router with one change: a
+message relayed to another domain is DKIM-signed first, with the domain's key
+from the lab home. The MSA has already completed the headers (Message-ID,
+Date), so the signature covers them. Mail for the MTA's own domain goes to
+the MDA over LMTP unsigned: it never leaves the provider.
+
+**Inbound.** :class:`InboundChecks` stands in front of the MTA's own SMTP
+handler. For a message from another domain (not from our own MSA) it
+
+1. checks SPF for the HELO name and the MAIL FROM domain (RFC 7208 2.3, 2.4),
+2. verifies every DKIM signature (RFC 6376 6),
+3. evaluates DMARC for the ``From:`` domain (RFC 7489 6.6),
+4. removes any ``Authentication-Results:`` that claims our authserv-id and
+   adds its own (RFC 8601 5), and applies the DMARC policy: ``reject`` is a
+   ``550 5.7.1`` at the end of DATA; ``quarantine`` marks the message for the
+   recipient's Junk folder (:mod:`agents.quarantine`); ``none`` delivers.
+
+SPF alone never decides here: a ``-all`` fail also hits honest mail that was
+forwarded, which is why RFC 7208 8.4 leaves the decision to the receiver and
+DMARC lets the domain owner make it.
+
+Every check is a trace event with its result and duration (``auth.spf``,
+``auth.dkim``, ``auth.dmarc``, ``auth.verdict``, ``dkim.sign``); the DNS
+questions they ask are the resolver's ``dns.query``/``dns.answer`` events.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, replace
+
+from twisted.internet import defer, threads
+
+from . import authres, dkim, dmarc, quarantine
+from .headers import get_header, header_fields
+from .routing import Router
+from .smtpserver import Reply
+from .spf import SPFChecker, SPFResult
+from .trace import NULL_TRACER
+
+
+# -- what the lab DNS publishes ---------------------------------------------------
+
+def dns_records(domain, home_root) -> list[tuple[str, str]]:
+    """The TXT records that make ``domain``'s mail checkable, as ``(name, text)``.
+
+    * ``mx.<domain>``: SPF for the HELO name (RFC 7208 2.3 asks every mail
+      host to publish one): the host's own address, nothing else;
+    * ``<selector>._domainkey.<domain>``: the DKIM public key, read from the
+      key files in the lab home (absent until ``mailpipe up`` made them);
+    * ``_dmarc.<domain>``: the domain's DMARC policy, from the lab config.
+
+    The domain's own SPF record (``v=spf1 ip4:<address> -all``) is in the
+    zone already (:mod:`agents.dns`).
+    """
+    records = [(domain.host("mta"), "v=spf1 a -all"), (f"_dmarc.{domain.name}", dmarc.record_for(domain))]
+    key = dkim.load_key(home_root, domain) if home_root is not None else None
+    if key is not None:
+        records.append((key.dns_name, key.record))
+    return records
+
+
+# -- the inbound verdict ------------------------------------------------------------
+
+@dataclass
+class Verdict:
+    """Everything the inbound checks found about one message."""
+
+    authserv_id: str
+    spf_helo: SPFResult
+    spf_mailfrom: SPFResult
+    dkim: list  # of dkim.DKIMResult
+    dmarc: dmarc.DMARCResult
+
+    @property
+    def disposition(self) -> str:
+        """``none`` (deliver), ``quarantine`` (Junk) or ``reject`` (550)."""
+        return self.dmarc.disposition
+
+    def header(self) -> bytes:
+        """Our ``Authentication-Results:`` field (RFC 8601 2.2)."""
+        results = [
+            authres.resinfo("spf", self.spf_mailfrom.result, self.spf_mailfrom.reason,
+                            smtp_mailfrom=self.spf_mailfrom.sender),
+            authres.resinfo("spf", self.spf_helo.result, self.spf_helo.reason,
+                            smtp_helo=self.spf_helo.domain),
+        ]
+        for sig in self.dkim:
+            results.append(authres.resinfo("dkim", sig.result, sig.reason, header_d=sig.domain,
+                                           header_s=sig.selector, header_a=sig.algorithm, header_b=sig.b))
+        if not self.dkim:
+            results.append(authres.resinfo("dkim", "none", "no signature"))
+        d = self.dmarc
+        why = f"p={d.policy} dis={d.disposition}" if d.record else d.reason
+        results.append(authres.resinfo("dmarc", d.result, why, header_from=d.from_domain))
+        return authres.build(self.authserv_id, results)
+
+    def summary(self) -> str:
+        """One line for an SMTP reply: what failed."""
+        dk = ", ".join(f"DKIM {s.result} ({s.reason})" for s in self.dkim) or "DKIM none"
+        return f"SPF {self.spf_mailfrom.result}, {dk}"
+
+
+class SenderAuth:
+    """The three inbound checks over one resolver, reporting to one tracer."""
+
+    def __init__(self, resolver, authserv_id: str, tracer=NULL_TRACER,
+                 run_blocking=threads.deferToThread, rng=random):
+        self.resolver, self.authserv_id, self.tracer = resolver, authserv_id, tracer
+        self.spf = SPFChecker(resolver)
+        self._blocking = run_blocking  # dkimpy's crypto runs in a thread; tests pass a stand-in
+        self.rng = rng
+
+    @defer.inlineCallbacks
+    def check(self, ip: str, helo: str, mail_from: str, content: bytes, tracer=None):
+        """Run SPF (HELO and MAIL FROM), DKIM and DMARC; fires with a :class:`Verdict`."""
+        tracer = tracer or self.tracer
+        started = time.perf_counter()
+        spf_helo = yield self.spf.check_helo(ip, helo or "")
+        spf_from = yield self.spf.check_mail_from(ip, mail_from, helo or "")
+        for r in (spf_helo, spf_from):
+            tracer.event("auth.spf", identity=r.identity, sender=r.sender, ip=r.ip, result=r.result,
+                         reason=r.reason, mechanism=r.mechanism, lookups=r.lookups, ms=r.ms)
+        signatures = yield dkim.verify(content, self.resolver, run_blocking=self._blocking)
+        for s in signatures:
+            tracer.event("auth.dkim", d=s.domain, s=s.selector, a=s.algorithm, result=s.result,
+                         reason=s.reason, dns_ms=s.dns_ms, crypto_ms=s.crypto_ms,
+                         ms=round(s.dns_ms + s.crypto_ms, 3))
+        if not signatures:
+            tracer.event("auth.dkim", result="none", reason="no signature", ms=0.0)
+        # RFC 7489 3.1.2: the SPF identity DMARC uses is MAIL FROM, or HELO for <>
+        spf_for_dmarc = spf_from if mail_from else spf_helo
+        from_fields = [v for n, v in header_fields(content) if n.lower() == "from"]
+        result = yield dmarc.check(self.resolver, from_fields, (spf_for_dmarc.result, spf_for_dmarc.domain),
+                                   [(s.result, s.domain) for s in signatures], rng=self.rng)
+        tracer.event("auth.dmarc", from_domain=result.from_domain, result=result.result,
+                     policy=result.policy, disposition=result.disposition, reason=result.reason,
+                     record=result.record.text if result.record else None, ms=result.ms)
+        verdict = Verdict(self.authserv_id, spf_helo, spf_from, signatures, result)
+        tracer.event("auth.verdict", spf=spf_from.result, spf_helo=spf_helo.result,
+                     dkim=[s.result for s in signatures] or ["none"], dmarc=result.result,
+                     disposition=verdict.disposition, ms=round((time.perf_counter() - started) * 1000, 3))
+        return verdict
+
+
+class InboundChecks:
+    """The MTA's SMTP handler with sender authentication in front of DATA.
+
+    Every other hook (CONNECT, EHLO, MAIL, RCPT) is the MTA's own, unchanged.
+    """
+
+    def __init__(self, handler, auth: SenderAuth, domain, tracer=NULL_TRACER):
+        self.handler, self.auth, self.domain, self.tracer = handler, auth, domain, tracer
+        self.own_ids = {auth.authserv_id.lower(), domain.name.lower()}
+
+    def __getattr__(self, name):
+        return getattr(self.handler, name)
+
+    @defer.inlineCallbacks
+    def handle_DATA(self, session, envelope):
+        content, removed = authres.strip_ours(envelope.content, self.own_ids, self.domain.name)
+        content, forged_folder = quarantine.remove(content)
+        tracer = self.tracer.bind(message_id=get_header(content, "Message-ID"), conn=session.conn_id)
+        if removed or forged_folder:
+            tracer.event("auth.stripped", authentication_results=removed, folder_mark=forged_folder)
+        if not self.handler.is_own_msa(session):  # mail from another domain: check who sent it
+            verdict = yield self.auth.check(session.peer, session.helo, envelope.mail_from, content, tracer)
+            if verdict.disposition == "reject":
+                return Reply(550, "5.7.1", f"Message rejected: DMARC policy of {verdict.dmarc.from_domain} "
+                                           f"is reject ({verdict.summary()})"
+                             if verdict.dmarc.record else f"Message rejected: {verdict.dmarc.reason}")
+            content = verdict.header() + content
+            if verdict.disposition == "quarantine":
+                content = quarantine.mark(content, "Junk")
+        reply = yield self.handler.handle_DATA(session, replace(envelope, content=content))
+        return reply
+
+
+def inbound(handler, ctx) -> InboundChecks:
+    """Put the inbound checks in front of an MTA's handler (what :mod:`agents.mta` calls)."""
+    authserv_id = ctx.domain.host("mta")
+    auth = SenderAuth(ctx.resolver(), authserv_id, tracer=ctx.tracer)
+    return InboundChecks(handler, auth, ctx.domain, tracer=ctx.tracer)
+
+
+# -- outbound signing ---------------------------------------------------------------
+
+class SigningRouter(Router):
+    """The MTA's router, DKIM-signing what it relays to other domains (RFC 6376 5)."""
+
+    def __init__(self, ctx, run_blocking=threads.deferToThread):
+        super().__init__(ctx)
+        self.key = dkim.load_key(ctx.home.root, ctx.domain)
+        self._blocking = run_blocking
+        if self.key is None:
+            ctx.tracer.event("dkim.nokey", domain=ctx.domain.name,
+                             reason="no key in the lab home: relayed mail goes out unsigned")
+
+    @defer.inlineCallbacks
+    def by_mx(self, domain: str, item, recipients, content):
+        if self.key is not None:
+            started = time.perf_counter()
+            tracer = self.ctx.tracer.bind(queue_id=item.queue_id, message_id=item.message_id)
+            try:
+                content = yield self._blocking(dkim.sign, content, self.key)
+            except Exception as e:  # a broken key must not stop the mail: it goes out unsigned
+                tracer.event("dkim.error", d=self.key.domain, error=f"{type(e).__name__}: {e}")
+            else:
+                tracer.event("dkim.sign", d=self.key.domain, s=self.key.selector,
+                             a=dkim.ALGORITHMS[self.key.algorithm].decode(),
+                             ms=round((time.perf_counter() - started) * 1000, 3))
+        outcomes = yield super().by_mx(domain, item, recipients, content)
+        return outcomes
