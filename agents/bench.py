@@ -217,9 +217,7 @@ def plot(result: BenchResult, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mailpipe bench")
-    parser.add_argument("--home", default=None)
+def add_arguments(parser) -> None:
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--size", type=int, default=2048, help="body size in bytes")
@@ -227,7 +225,16 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON ('-' for stdout)")
     parser.add_argument("--plot", metavar="FILE.png", help="draw latency and throughput plots")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mailpipe bench")
+    parser.add_argument("--home", default=None)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args) -> int:
     home = LabHome.at(args.home)
     if not home.config_file.exists():
         print(f"mailpipe bench: no lab in {home.root}; start one with 'mailpipe up --detach'", file=sys.stderr)

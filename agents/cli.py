@@ -151,9 +151,10 @@ def cmd_users(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import main as bench_main
+    from .bench import run as bench_run
 
-    return bench_main(["--home", str(_lab(args).home.root), *args.rest])
+    args.home = str(_lab(args).home.root)
+    return bench_run(args)
 
 
 def cmd_trace(args) -> int:
@@ -260,8 +261,10 @@ def main(argv=None) -> int:
     p.add_argument("message_id", help="the Message-ID, with or without <>")
     p.add_argument("--json", action="store_true", help="the hops and every joined event, as JSON")
     p.set_defaults(func=cmd_trace)
-    p = sub.add_parser("bench", help="measure throughput and latency end to end", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("bench", help="measure throughput and latency end to end")
+    from .bench import add_arguments as bench_arguments
+
+    bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
     for module in COMMAND_MODULES:

@@ -22,6 +22,7 @@ from .imap import make_imap_factory
 from .lmtp import LMTPServerFactory
 from .maildir import MailStore
 from .pop3 import make_pop3_factory
+from .quarantine import folder_for
 from .security import login_throttle
 from .smtpserver import Reply, ServerPolicy, SMTPHandler
 from .spool import new_queue_id
@@ -61,11 +62,13 @@ class LocalDeliveryPolicy(SMTPHandler):
         trace = f"Return-Path: <{envelope.mail_from}>\r\nDelivered-To: {rcpt}\r\n".encode()
         trace += received_field(helo=session.helo, peer_ip=session.peer, by=self.domain.host("mda"),
                                 protocol="LMTP", queue_id=queue_id, recipient=rcpt)
-        d = self.store.deliver(rcpt, trace + envelope.content)
+        # The MTA marks a message that DMARC quarantined (see agents.quarantine).
+        folder, content = folder_for(envelope.content)
+        d = self.store.deliver(rcpt, trace + content, folder=folder)
 
         def stored(name):
             self.ctx.tracer.event("stored", queue_id=queue_id, rcpt=rcpt, maildir_file=name,
-                                  message_id=message_id, conn=session.conn_id)
+                                  message_id=message_id, conn=session.conn_id, folder=folder)
             return Reply(250, "2.0.0", f"<{rcpt}> delivered as {queue_id}")
 
         def failed(f):

@@ -13,6 +13,9 @@ It answers 250 to DATA only after the message is durably in its spool
 (RFC 5321 6.1), then routes each recipient: MX lookup and SMTP relay for other
 domains, LMTP for its own. Loops are cut by counting ``Received:`` lines
 (RFC 5321 6.3).
+
+Mail from other domains is checked (SPF, DKIM, DMARC) before it is accepted,
+and mail relayed to other domains is DKIM-signed: see :mod:`agents.senderauth`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .guards import RelayGuard
 from .headers import get_header, header_fields, received_field
 from .queue import DeliveryQueue, outcomes_for_failure
 from .routing import Router
+from .senderauth import SigningRouter, inbound
 from .smtpserver import Reply, ServerPolicy, SMTPHandler, SMTPServerFactory
 from .spool import Spool, new_queue_id
 
@@ -108,7 +112,7 @@ class Transport:
 
 def build(ctx) -> None:
     domain = ctx.domain
-    router = Router(ctx)
+    router = SigningRouter(ctx)  # DKIM-signs what it relays to other domains (agents.senderauth)
     spool = Spool(ctx.home.spool(ctx.spec.name))
     queue = DeliveryQueue(
         spool, Transport(ctx, router),
@@ -124,5 +128,6 @@ def build(ctx) -> None:
         implicit_tls=False,
         require_auth=False,
     )
-    ctx.listen_tcp("smtp", SMTPServerFactory(policy, TransferPolicy(ctx, queue), tracer=ctx.tracer))
+    handler = inbound(TransferPolicy(ctx, queue), ctx)  # SPF, DKIM, DMARC on mail from other domains
+    ctx.listen_tcp("smtp", SMTPServerFactory(policy, handler, tracer=ctx.tracer))
     ctx.reactor.callWhenRunning(queue.recover)
