@@ -4,6 +4,7 @@
     mailpipe status [--json]      which agents run, where they listen
     mailpipe down                 stop the lab
     mailpipe send --from A --to B --subject S --body TEXT
+        [--header-from F] [--direct-mx [DOMAIN] --source-address IP]   (spoofing lesson)
     mailpipe fetch USER           list USER's inbox over IMAP
     mailpipe watch USER           print new mail as it arrives (IMAP IDLE)
     mailpipe demo                 one message end to end, with its hops
@@ -107,9 +108,11 @@ def cmd_send(args) -> int:
     argv = ["send", "--from", args.sender, "--subject", args.subject, "--body", args.body]
     for rcpt in args.to:
         argv += ["--to", rcpt]
-    for flag in ("password", "header_from"):
+    for flag in ("password", "header_from", "source_address", "helo"):
         if getattr(args, flag):
             argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]
+    if args.direct_mx is not None:  # straight to an MX, no MSA (agents.directmx)
+        argv += ["--direct-mx"] + ([args.direct_mx] if args.direct_mx else [])
     if args.implicit_tls:
         argv.append("--implicit-tls")
     if args.json:
@@ -235,8 +238,12 @@ def main(argv=None) -> int:
     p.add_argument("--subject", default="Hello from mailpipe")
     p.add_argument("--body", default="Hello!\n")
     p.add_argument("--password")
-    p.add_argument("--header-from")
+    p.add_argument("--header-from", help="a From: header other than --from (the spoofing lesson)")
     p.add_argument("--implicit-tls", action="store_true")
+    p.add_argument("--direct-mx", nargs="?", const="", metavar="DOMAIN",
+                   help="skip the MSA: deliver to the recipients' MX (or DOMAIN's) as an MTA does")
+    p.add_argument("--source-address", help="with --direct-mx: connect from this address (e.g. attacker.test's)")
+    p.add_argument("--helo", help="with --direct-mx: the name to give in EHLO")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_send)
     for name, func in (("fetch", cmd_fetch), ("watch", cmd_watch)):

@@ -106,9 +106,11 @@ class LabConfig:
     domains: tuple[Domain, ...]
     users: tuple[User, ...]
     ttl: int = 60
-    retry_min: float = 1.0
-    retry_max: float = 30.0
-    queue_lifetime: float = 600.0
+    # Without [lab] values, the queue schedule is Postfix's (agents.queue):
+    # retry after 300 s, doubling to 4000 s, give up after 5 days.
+    retry_min: float = 300.0
+    retry_max: float = 4000.0
+    queue_lifetime: float = 5 * 24 * 3600.0
     max_message_size: int = 10 * 1024 * 1024
     max_recipients: int = 100
     trace: bool = True
@@ -162,9 +164,9 @@ class LabConfig:
             domains=domains,
             users=users,
             ttl=int(lab.get("ttl", 60)),
-            retry_min=float(lab.get("retry_min", 1.0)),
-            retry_max=float(lab.get("retry_max", 30.0)),
-            queue_lifetime=float(lab.get("queue_lifetime", 600.0)),
+            retry_min=float(lab.get("retry_min", cls.retry_min)),
+            retry_max=float(lab.get("retry_max", cls.retry_max)),
+            queue_lifetime=float(lab.get("queue_lifetime", cls.queue_lifetime)),
             max_message_size=int(lab.get("max_message_size", 10 * 1024 * 1024)),
             max_recipients=int(lab.get("max_recipients", 100)),
             trace=bool(lab.get("trace", True)),
@@ -176,7 +178,8 @@ class LabConfig:
 
     def validate(self) -> None:
         """Refuse anything that would leave loopback or confuse the lab."""
-        for addr in [self.dns_address] + [d.address for d in self.domains]:
+        backups = [d.options["backup_mx"] for d in self.domains if d.options.get("backup_mx")]
+        for addr in [self.dns_address] + [d.address for d in self.domains] + backups:
             try:
                 ip = ipaddress.ip_address(addr)
             except ValueError:
@@ -230,11 +233,15 @@ class LabConfig:
         """Every agent process of the lab, in the order they are started."""
         out = [AgentSpec("dns", "dns", None, self.dns_address, {"dns": self.ports["dns"]})]
         for d in self.domains:
+            if d.options.get("null_mx"):
+                continue  # RFC 7505: it takes no mail, so it runs no agents (agents.exchangers)
             for role in ("mda", "mta", "msa"):
                 if role in ("mda", "msa") and not d.has_mailboxes:
                     continue
                 ports = {svc: self.ports[svc] for svc in ROLE_SERVICES[role]}
                 out.append(AgentSpec(f"{role}.{d.name}", role, d.name, d.address, ports))
+                if role == "mta" and d.options.get("backup_mx"):  # its backup MX, mx2.D
+                    out.append(AgentSpec(f"mta2.{d.name}", "mta", d.name, d.options["backup_mx"], ports))
         return out
 
     def agent(self, name: str) -> AgentSpec:
@@ -254,10 +261,16 @@ class LabConfig:
             parts = addr.split(".")
             return ".".join([parts[0], str(subnet), parts[2], parts[3]])
 
+        def move_domain(d: Domain) -> Domain:
+            options = dict(d.options)
+            if options.get("backup_mx"):
+                options["backup_mx"] = move(options["backup_mx"])
+            return replace(d, address=move(d.address), options=options)
+
         return replace(
             self,
             dns_address=move(self.dns_address),
-            domains=tuple(replace(d, address=move(d.address)) for d in self.domains),
+            domains=tuple(move_domain(d) for d in self.domains),
         )
 
     def to_toml(self) -> str:

@@ -14,6 +14,12 @@ For each domain ``D`` at address ``X`` the zone holds::
     D           TXT   "v=spf1 ip4:X -all"          (RFC 7208, used by SPF checks)
     ns.D        A     <the lab DNS address>
     mx.D, smtp.D, lmtp.D, imap.D   A   X
+
+and, for sender authentication (see :func:`agents.senderauth.dns_records`)::
+
+    mx.D                 TXT  "v=spf1 a -all"          (SPF for the HELO name)
+    <selector>._domainkey.D   TXT  "v=DKIM1; k=rsa; p=..."  (RFC 6376, from HOME/dkim)
+    _dmarc.D             TXT  "v=DMARC1; p=..."        (RFC 7489, from the config)
 """
 
 from __future__ import annotations
@@ -63,8 +69,22 @@ class LabZone(authority.FileAuthority):
         self.records = records
 
 
-def zones(config: LabConfig) -> list[LabZone]:
-    return [LabZone(d, config.dns_address, config.ttl) for d in config.domains]
+def zones(config: LabConfig, home_root=None) -> list[LabZone]:
+    out = [LabZone(d, config.dns_address, config.ttl) for d in config.domains]
+    for zone, d in zip(out, config.domains):
+        add_sender_auth_records(zone, d, home_root, config.ttl)
+    return out
+
+
+def add_sender_auth_records(zone: LabZone, domain: Domain, home_root, ttl: int) -> None:
+    """SPF (HELO), DKIM and DMARC TXT records; a TXT string holds at most 255
+    bytes, so longer texts (a 2048-bit key) go in several (RFC 7208 3.3, RFC 6376 3.6.2.2)."""
+    from .senderauth import dns_records
+
+    for name, text in dns_records(domain, home_root):
+        data = text.encode()
+        chunks = [data[i:i + 255] for i in range(0, len(data), 255)]
+        zone.records.setdefault(name.lower().encode(), []).append(dns.Record_TXT(*chunks, ttl=ttl))
 
 
 class TracingDNSServerFactory(server.DNSServerFactory):
@@ -95,9 +115,9 @@ class TracingDNSServerFactory(server.DNSServerFactory):
         return response
 
 
-def listen(reactor, config: LabConfig, tracer) -> list:
+def listen(reactor, config: LabConfig, tracer, home_root=None) -> list:
     """Serve the lab zones on UDP and TCP (RFC 1035 4.2) at the lab DNS address."""
-    factory = TracingDNSServerFactory(zones(config), tracer)
+    factory = TracingDNSServerFactory(zones(config, home_root), tracer)
     host, port = config.dns_server
     udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(controller=factory), interface=host)
     tcp = reactor.listenTCP(port, factory, interface=host)

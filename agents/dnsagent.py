@@ -6,7 +6,7 @@ from .runtime import CannotStart
 
 def build(ctx) -> None:
     try:
-        dns.listen(ctx.reactor, ctx.config, ctx.tracer)
+        dns.listen(ctx.reactor, ctx.config, ctx.tracer, home_root=ctx.home.root)
     except Exception as e:  # CannotListenError for UDP or TCP
         raise CannotStart(f"dns: cannot listen on {ctx.config.dns_address}:{ctx.config.ports['dns']}: "
                           f"{getattr(e, 'socketError', e)}; is another lab running? ('mailpipe down')") from None

@@ -6,6 +6,7 @@ Layout (created by ``mailpipe up``)::
     HOME/users.json           lab users, passwords as salted scrypt hashes
     HOME/pki/ca.pem           the lab certificate authority (trust this)
     HOME/pki/<domain>.pem     each domain's certificate and key
+    HOME/dkim/<domain>/<selector>.private|.txt   each domain's DKIM key and its TXT record
     HOME/spool/<agent>/       each queueing agent's durable spool
     HOME/maildir/<domain>/<user>/   one Maildir per user (cur, new, tmp)
     HOME/trace/<agent>.jsonl  trace events, one JSON object per line

@@ -27,6 +27,7 @@ from pathlib import Path
 from .config import LabConfig
 from .home import LabHome
 from .pki import ensure_ca, ensure_host_cert
+from .senderauth import prepare as sender_auth_prepare
 from .users import UserDB
 
 
@@ -89,13 +90,14 @@ class Lab:
     # -- preparing the home ------------------------------------------------
 
     def prepare(self) -> None:
-        """Create what the agents need: config copy, CA and certificates, users, Maildirs."""
+        """Create what the agents need: config copy, CA and certificates, DKIM keys, users, Maildirs."""
         self.home.make_dirs()
         self.home.config_file.write_text(self.config.to_toml())
         ensure_ca(self.home.pki)
         for d in self.config.domains:
             hosts = [d.host(r) for r in ("mta", "msa", "mda", "lmtp")]
             ensure_host_cert(self.home.pki, d.name, hosts, d.address)
+        sender_auth_prepare(self.home.root, self.config)  # DKIM keys under HOME/dkim, DMARC settings checked
         db = UserDB(self.home.users_file)
         for user in self.config.users:
             db.ensure(user.address, user.password)

@@ -326,6 +326,10 @@ def main(argv: list[str]) -> int:
     p_send.add_argument("--header-from", help="a From: header other than the sender (for the spoofing lesson)")
     p_send.add_argument("--implicit-tls", action="store_true", help="use port 465 (RFC 8314) instead of 587")
     p_send.add_argument("--message-id", help="the Message-ID to use (default: a new one)")
+    p_send.add_argument("--direct-mx", nargs="?", const="", metavar="DOMAIN",
+                        help="skip the MSA: talk SMTP to the recipients' MX (or DOMAIN's), as an MTA does")
+    p_send.add_argument("--source-address", help="with --direct-mx: connect from this address")
+    p_send.add_argument("--helo", help="with --direct-mx: the name to give in EHLO")
     for name in ("fetch", "wait", "watch"):
         p = sub.add_parser(name)
         p.add_argument("user")
@@ -346,7 +350,17 @@ def main(argv: list[str]) -> int:
 
     @defer.inlineCallbacks
     def run(reactor):
-        if args.command == "send":
+        if args.command == "send" and args.direct_mx is not None:  # see agents.directmx
+            from .directmx import send_direct
+            from .headers import get_header
+
+            content = compose(args.sender, args.to, args.subject, args.body, from_header=args.header_from,
+                              extra_headers={"Message-ID": args.message_id or f"<{time.time_ns():x}.direct@"
+                                             f"{args.sender.rpartition('@')[2]}>"})
+            result = yield send_direct(reactor, home, config, mail_from=args.sender, to=args.to, content=content,
+                                       via=args.direct_mx, source_address=args.source_address, helo=args.helo)
+            out.update(result, message_id=get_header(content, "Message-ID"))
+        elif args.command == "send":
             mua = MUA(reactor, home, config, args.sender, args.password)
             content = compose(args.sender, args.to, args.subject, args.body, from_header=args.header_from,
                               extra_headers={"Message-ID": args.message_id

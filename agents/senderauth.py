@@ -24,9 +24,9 @@ SPF alone never decides here: a ``-all`` fail also hits honest mail that was
 forwarded, which is why RFC 7208 8.4 leaves the decision to the receiver and
 DMARC lets the domain owner make it.
 
-Every check is a trace event with its result and duration (``auth.spf``,
-``auth.dkim``, ``auth.dmarc``, ``auth.verdict``, ``dkim.sign``); the DNS
-questions they ask are the resolver's ``dns.query``/``dns.answer`` events.
+Every check is a trace event with its result and duration (``spf.result``,
+``dkim.result``, ``dmarc.result``, ``senderauth.verdict``, ``dkim.sign``); the
+DNS questions they ask are the resolver's ``dns.query``/``dns.answer`` events.
 """
 
 from __future__ import annotations
@@ -64,6 +64,15 @@ def dns_records(domain, home_root) -> list[tuple[str, str]]:
     if key is not None:
         records.append((key.dns_name, key.record))
     return records
+
+
+def prepare(home_root, config) -> None:
+    """Before the lab starts: a DKIM key pair for every domain (made once, kept in
+    ``HOME/dkim``), and every domain's DMARC settings checked, so that a typo in
+    the config stops ``mailpipe up`` with a clear message."""
+    dkim.ensure_keys(home_root, config)
+    for domain in config.domains:
+        dmarc.record_for(domain)
 
 
 # -- the inbound verdict ------------------------------------------------------------
@@ -125,25 +134,25 @@ class SenderAuth:
         spf_helo = yield self.spf.check_helo(ip, helo or "")
         spf_from = yield self.spf.check_mail_from(ip, mail_from, helo or "")
         for r in (spf_helo, spf_from):
-            tracer.event("auth.spf", identity=r.identity, sender=r.sender, ip=r.ip, result=r.result,
+            tracer.event("spf.result", identity=r.identity, sender=r.sender, ip=r.ip, result=r.result,
                          reason=r.reason, mechanism=r.mechanism, lookups=r.lookups, ms=r.ms)
         signatures = yield dkim.verify(content, self.resolver, run_blocking=self._blocking)
         for s in signatures:
-            tracer.event("auth.dkim", d=s.domain, s=s.selector, a=s.algorithm, result=s.result,
+            tracer.event("dkim.result", d=s.domain, s=s.selector, a=s.algorithm, result=s.result,
                          reason=s.reason, dns_ms=s.dns_ms, crypto_ms=s.crypto_ms,
                          ms=round(s.dns_ms + s.crypto_ms, 3))
         if not signatures:
-            tracer.event("auth.dkim", result="none", reason="no signature", ms=0.0)
+            tracer.event("dkim.result", result="none", reason="no signature", ms=0.0)
         # RFC 7489 3.1.2: the SPF identity DMARC uses is MAIL FROM, or HELO for <>
         spf_for_dmarc = spf_from if mail_from else spf_helo
         from_fields = [v for n, v in header_fields(content) if n.lower() == "from"]
         result = yield dmarc.check(self.resolver, from_fields, (spf_for_dmarc.result, spf_for_dmarc.domain),
                                    [(s.result, s.domain) for s in signatures], rng=self.rng)
-        tracer.event("auth.dmarc", from_domain=result.from_domain, result=result.result,
+        tracer.event("dmarc.result", from_domain=result.from_domain, result=result.result,
                      policy=result.policy, disposition=result.disposition, reason=result.reason,
                      record=result.record.text if result.record else None, ms=result.ms)
         verdict = Verdict(self.authserv_id, spf_helo, spf_from, signatures, result)
-        tracer.event("auth.verdict", spf=spf_from.result, spf_helo=spf_helo.result,
+        tracer.event("senderauth.verdict", spf=spf_from.result, spf_helo=spf_helo.result,
                      dkim=[s.result for s in signatures] or ["none"], dmarc=result.result,
                      disposition=verdict.disposition, ms=round((time.perf_counter() - started) * 1000, 3))
         return verdict
@@ -168,7 +177,7 @@ class InboundChecks:
         content, forged_folder = quarantine.remove(content)
         tracer = self.tracer.bind(message_id=get_header(content, "Message-ID"), conn=session.conn_id)
         if removed or forged_folder:
-            tracer.event("auth.stripped", authentication_results=removed, folder_mark=forged_folder)
+            tracer.event("senderauth.stripped", authentication_results=removed, folder_mark=forged_folder)
         if not self.handler.is_own_msa(session):  # mail from another domain: check who sent it
             verdict = yield self.auth.check(session.peer, session.helo, envelope.mail_from, content, tracer)
             if verdict.disposition == "reject":

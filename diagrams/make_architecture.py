@@ -93,7 +93,8 @@ def draw_domain(ax, config, d, x0, colour, side, journey_role):
     if d.has_mailboxes:
         b["mda"] = box(ax, cx, *ROWS["mda"], f"MDA  {d.host('mda')}",
                        [f"{d.host('lmtp')}: lmtp {p['lmtp']} → Maildir",
-                        f"imap {p['imap']}  ·  imaps {p['imaps']}  ·  pop3 {p['pop3']}"], "mda")
+                        f"imap {p['imap']}  ·  imaps {p['imaps']}",
+                        f"pop3 {p['pop3']}  ·  pop3s {p['pop3s']}"], "mda")
         send = journey_role == "sender"
         recv = journey_role == "recipient"
         for upper, lower, text, on_path, n in [
