@@ -5,7 +5,10 @@ one submission session open (STARTTLS and AUTH once, then one transaction per
 message, as a real client sending a batch does) and send their share of
 ``--messages`` from alice@sender.test to bob@recipient.test. Meanwhile a
 reader sits in IMAP IDLE as Bob and notes the moment each message becomes
-visible to him. A message's *end-to-end latency* runs from the start of its
+visible to him. Each submitter sends its next message only when its previous
+one is visible (a *closed loop*): ``--concurrency`` is the number of messages
+in flight, and with 1 the latency is that of one message through an idle
+pipeline. A message's *end-to-end latency* runs from the start of its
 submission to that moment; *throughput* is messages over the time from the
 first submission to the last arrival. The trace then says how long each hop
 took (see :mod:`agents.journey`).
@@ -85,6 +88,7 @@ class Arrivals:
         self.client = client
         self.wanted = wanted
         self.visible: dict[str, int] = {}
+        self.waiters: dict[str, defer.Deferred] = {}
         self.seen_count = 0
         self.progress = None
 
@@ -114,7 +118,16 @@ class Arrivals:
                             self.visible[mid] = now
                             if self.progress is not None:
                                 self.progress.update(1)
+                            waiter = self.waiters.pop(mid, None)
+                            if waiter is not None:
+                                waiter.callback(now)
             self.seen_count = total
+
+    def arrival(self, message_id: str) -> defer.Deferred:
+        """Fires when ``message_id`` is visible to Bob."""
+        if message_id in self.visible:
+            return defer.succeed(self.visible[message_id])
+        return self.waiters.setdefault(message_id, defer.Deferred())
 
     @defer.inlineCallbacks
     def wait_all(self, deadline: float):
@@ -150,7 +163,7 @@ def run_bench(reactor, home: LabHome, config: LabConfig, messages: int, concurre
         mua = MUA(reactor, home, config, sender)
         session = yield mua.submission_session()
         try:
-            while todo:
+            while todo and time.monotonic() < deadline:
                 mid = todo.pop(0)
                 content = compose(sender, [rcpt], f"bench {mid}", body, extra_headers={"Message-ID": mid})
                 starts[mid] = now_us()
@@ -158,6 +171,17 @@ def run_bench(reactor, home: LabHome, config: LabConfig, messages: int, concurre
                     yield session.send(sender, [rcpt], content)
                 except Exception as e:  # noqa: BLE001 - record and go on
                     errors.append(f"{mid}: {e}")
+                    continue
+                # Closed loop: the next message goes once this one is visible.
+                arrived = arrivals.arrival(mid)
+                timer = reactor.callLater(max(0.0, deadline - time.monotonic()), arrived.cancel)
+                try:
+                    yield arrived
+                except defer.CancelledError:
+                    break
+                finally:
+                    if timer.active():
+                        timer.cancel()
         finally:
             yield session.close()
 

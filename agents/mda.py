@@ -17,6 +17,7 @@ import errno
 
 from twisted.internet import defer
 
+from .control import AgentControl
 from .headers import get_header, received_field
 from .imap import make_imap_factory
 from .lmtp import LMTPServerFactory
@@ -95,7 +96,10 @@ def build(ctx) -> None:
         implicit_tls=False,
         require_auth=False,
     )
-    ctx.listen_tcp("lmtp", LMTPServerFactory(lmtp_policy, LocalDeliveryPolicy(ctx, store), tracer=ctx.tracer))
+    # mailpipe fault / queue stats, and a ledger that counts duplicate deliveries (agents.control)
+    control = AgentControl(ctx)
+    delivery = control.wrap(LocalDeliveryPolicy(ctx, control.watch_store(store)))
+    ctx.listen_tcp("lmtp", LMTPServerFactory(lmtp_policy, delivery, tracer=ctx.tracer))
     # One brute-force throttle for all four: a guesser gains nothing by switching.
     guard = {"tracer": ctx.tracer, "throttle": login_throttle(ctx)}
     ctx.listen_tcp("imap", make_imap_factory(store, checker, tls, **guard))

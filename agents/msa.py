@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from twisted.internet import defer
 
+from .control import AgentControl
 from .dsn import bounce_maker
 from .guards import SubmissionGuard
 from .headers import complete_for_submission, get_header, received_field
-from .queue import DeliveryQueue
+from .queue import DeliveryQueue, queue_settings, spool_failure_reply
 from .routing import Router
 from .security import login_throttle
 from .smtpserver import Reply, ServerPolicy, SMTPHandler, SMTPServerFactory, make_auth_portal
@@ -66,6 +67,7 @@ class SubmissionPolicy(SMTPHandler):
         d = self.queue.accept(envelope.mail_from, envelope.rcpt_tos, received + content,
                               message_id=message_id, queue_id=queue_id, conn=session.conn_id)
         d.addCallback(lambda qid: Reply(250, "2.0.0", f"Ok: queued as {qid}"))
+        d.addErrback(spool_failure_reply)  # disk full: 452 4.3.1, never a 250 we cannot keep
         return d
 
 
@@ -75,11 +77,11 @@ def build(ctx) -> None:
     spool = Spool(ctx.home.spool(ctx.spec.name))
     queue = DeliveryQueue(
         spool, lambda item, content: router.to_own_mta(item, item.pending, content),
-        reactor=ctx.reactor, tracer=ctx.tracer, retry_min=ctx.config.retry_min,
-        retry_max=ctx.config.retry_max, lifetime=ctx.config.queue_lifetime,
-        make_bounce=bounce_maker(domain.host("msa"), domain.name),
+        reactor=ctx.reactor, tracer=ctx.tracer,
+        make_bounce=bounce_maker(domain.host("msa"), domain.name), **queue_settings(ctx.config),
     )
-    handler = SubmissionPolicy(ctx, queue)
+    control = AgentControl(ctx, queue=queue)  # mailpipe queue / fault (agents.control)
+    handler = control.wrap(SubmissionPolicy(ctx, queue))
     portal = make_auth_portal(UserDBChecker(UserDB(ctx.home.users_file)))
     tls = ctx.server_tls()
 

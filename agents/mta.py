@@ -22,10 +22,12 @@ from __future__ import annotations
 
 from twisted.internet import defer
 
+from .control import AgentControl
 from .dsn import bounce_maker
+from .exchangers import BackupTransport, is_backup_mx, mta_hostname
 from .guards import RelayGuard
 from .headers import get_header, header_fields, received_field
-from .queue import DeliveryQueue, outcomes_for_failure
+from .queue import DeliveryQueue, outcomes_for_failure, queue_settings, spool_failure_reply
 from .routing import Router
 from .senderauth import SigningRouter, inbound
 from .smtpserver import Reply, ServerPolicy, SMTPHandler, SMTPServerFactory
@@ -46,6 +48,7 @@ class TransferPolicy(SMTPHandler):
         self.ctx = ctx
         self.queue = queue
         self.domain = ctx.domain
+        self.hostname = mta_hostname(ctx)  # mx.D, or mx2.D for the backup MX
         self.relay_guard = RelayGuard(ctx.tracer)
 
     def is_own_msa(self, session) -> bool:
@@ -72,7 +75,7 @@ class TransferPolicy(SMTPHandler):
             return Reply(554, "5.4.6", f"Too many hops ({hops}): mail loop?")
         queue_id = new_queue_id()
         received = received_field(
-            helo=session.helo, peer_ip=session.peer, by=self.domain.host("mta"),
+            helo=session.helo, peer_ip=session.peer, by=self.hostname,
             protocol="ESMTPS" if session.tls else "ESMTP", queue_id=queue_id,
             recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None,
             tls=session.notes.get("tls_version"),
@@ -81,6 +84,7 @@ class TransferPolicy(SMTPHandler):
         d = self.queue.accept(envelope.mail_from, envelope.rcpt_tos, received + envelope.content,
                               message_id=message_id, queue_id=queue_id, conn=session.conn_id)
         d.addCallback(lambda qid: Reply(250, "2.0.0", f"Ok: queued as {qid}"))
+        d.addErrback(spool_failure_reply)  # disk full: 452 4.3.1, never a 250 we cannot keep
         return d
 
 
@@ -113,15 +117,17 @@ class Transport:
 def build(ctx) -> None:
     domain = ctx.domain
     router = SigningRouter(ctx)  # DKIM-signs what it relays to other domains (agents.senderauth)
+    router.helo = hostname = mta_hostname(ctx)
     spool = Spool(ctx.home.spool(ctx.spec.name))
+    # A backup MX relays even its own domain's mail to the primary (agents.exchangers).
+    transport = BackupTransport(ctx, router) if is_backup_mx(ctx) else Transport(ctx, router)
     queue = DeliveryQueue(
-        spool, Transport(ctx, router),
-        reactor=ctx.reactor, tracer=ctx.tracer, retry_min=ctx.config.retry_min,
-        retry_max=ctx.config.retry_max, lifetime=ctx.config.queue_lifetime,
-        make_bounce=bounce_maker(domain.host("mta"), domain.name),
+        spool, transport, reactor=ctx.reactor, tracer=ctx.tracer,
+        make_bounce=bounce_maker(hostname, domain.name), **queue_settings(ctx.config),
     )
+    control = AgentControl(ctx, queue=queue)  # mailpipe queue / fault (agents.control)
     policy = ServerPolicy(
-        hostname=domain.host("mta"),
+        hostname=hostname,
         max_message_size=ctx.config.max_message_size,
         max_recipients=ctx.config.max_recipients,
         tls_context=ctx.server_tls(),
@@ -129,5 +135,6 @@ def build(ctx) -> None:
         require_auth=False,
     )
     handler = inbound(TransferPolicy(ctx, queue), ctx)  # SPF, DKIM, DMARC on mail from other domains
+    handler = control.wrap(handler)  # injected faults, if any, come first
     ctx.listen_tcp("smtp", SMTPServerFactory(policy, handler, tracer=ctx.tracer))
     ctx.reactor.callWhenRunning(queue.recover)

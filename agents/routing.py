@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from twisted.internet import defer
 
+from .exchangers import is_null_mx, usable_exchangers
 from .queue import Outcome
 from .resolver import LookupFailed
 from .smtpclient import ConnectionCache, SMTPDeliveryError
@@ -58,7 +59,7 @@ class Router:
             helo=self.helo, mail_from=item.mail_from, rcpt_tos=recipients, content=content,
             tls="none" if lmtp else "opportunistic", tls_hostname=host,
             ca_cert=self.ctx.home.ca_cert, lmtp=lmtp,
-            bind_address=self.domain.address,
+            bind_address=self.ctx.spec.address,  # the domain's, or a backup MX's own
             tracer=self.ctx.tracer.bind(queue_id=item.queue_id, message_id=item.message_id),
         )
 
@@ -86,8 +87,15 @@ class Router:
         except LookupFailed as e:
             return [Outcome(r, 451, "4.4.3", f"DNS lookup for {domain} failed: {e.reason}") for r in recipients]
         if not exchangers:
+            if is_null_mx((yield self.resolver.lookup_mx(domain))):  # cached by now
+                return [Outcome(r, 556, "5.1.10", f"{domain} accepts no mail (null MX, RFC 7505)")
+                        for r in recipients]
             return [Outcome(r, 550, "5.1.2", f"{domain} does not accept mail (no MX, no A, or null MX)")
                     for r in recipients]
+        # RFC 5321 5.1: a backup MX drops itself and every MX no better than it.
+        exchangers = usable_exchangers(exchangers, self.ctx.spec.address)
+        if not exchangers:
+            return [Outcome(r, 554, "5.4.6", f"mail for {domain} loops back to myself") for r in recipients]
         last_error = None
         for _pref, host, ips in exchangers:
             for ip in ips:
