@@ -11,6 +11,8 @@
     mailpipe trace MESSAGE_ID     every hop of one message, timed (--json: the events)
     mailpipe users add|passwd|list|remove
     mailpipe kill AGENT | start AGENT
+    mailpipe queue [list|show|flush|hold|release|delete|stats]   (agents.queuetools)
+    mailpipe fault set AGENT KIND [...] | list | clear [AGENT]
 
 ``--home DIR`` (else ``$MAILPIPE_HOME``, else ``~/.mailpipe/lab``) chooses the
 lab; ``--config FILE`` a lab config other than the default.
@@ -209,7 +211,7 @@ def cmd_demo(args) -> int:
 
 #: Modules that add their own subcommands: each has ``register(subparsers)``,
 #: and each command function gets the parsed ``args`` (with ``home``, ``config``).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("queuetools", "monitor")
 
 
 def main(argv=None) -> int:

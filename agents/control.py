@@ -43,6 +43,7 @@ from twisted.internet import protocol
 from twisted.protocols import amp
 
 from .faults import FaultSet, FaultyHandler, FaultySpool
+from .lab import LabError
 from .queue import NoSuchMessage
 
 #: Longest path a UNIX socket address can hold on Linux (sun_path is 108 bytes).
@@ -318,7 +319,7 @@ def _message_fields(m: dict) -> dict:
 # The client side: blocking, no reactor
 
 
-class ControlError(Exception):
+class ControlError(LabError):
     """An agent answered with an error (``code`` is the AMP error code)."""
 
     def __init__(self, agent: str, code: str, text: str):
@@ -372,8 +373,13 @@ class ControlClient:
                 raise AgentNotRunning(self.agent, f"no control socket at {self.path}") from None
             except ConnectionRefusedError:
                 raise AgentNotRunning(self.agent, "nobody listens on its control socket") from None
-            sock.sendall(request.serialize())
-            answer = read_box(sock)
+            try:
+                sock.sendall(request.serialize())
+                answer = read_box(sock)
+            except (ConnectionError, socket.timeout) as e:
+                # Connected to a dying agent: its socket was still open for a
+                # moment after kill -9 (its threads were still exiting).
+                raise AgentNotRunning(self.agent, f"the control connection broke: {e}") from None
         if b"_error" in answer:
             raise ControlError(self.agent, answer.get(b"_error_code", b"?").decode(),
                                answer.get(b"_error_description", b"").decode("utf-8", "replace"))

@@ -15,6 +15,8 @@ For each domain ``D`` at address ``X`` the zone holds::
     ns.D        A     <the lab DNS address>
     mx.D, smtp.D, lmtp.D, imap.D   A   X
 
+plus ``D MX 20 mx2.D`` for a domain with a backup MX, or only ``D MX 0 .``
+for a domain that takes no mail (RFC 7505), see :mod:`agents.exchangers`;
 and, for sender authentication (see :func:`agents.senderauth.dns_records`)::
 
     mx.D                 TXT  "v=spf1 a -all"          (SPF for the HELO name)
@@ -27,6 +29,7 @@ from __future__ import annotations
 from twisted.names import authority, dns, server
 
 from .config import Domain, LabConfig
+from .exchangers import add_zone_records
 
 
 class LabZone(authority.FileAuthority):
@@ -66,6 +69,7 @@ class LabZone(authority.FileAuthority):
         }
         for host in ("mx", "smtp", "lmtp", "imap"):
             records[f"{host}.{d.name}".encode()] = [dns.Record_A(d.address, ttl=ttl)]
+        add_zone_records(d, records, ttl)  # backup MX or null MX (agents.exchangers)
         self.records = records
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.names import dns
 
-from .queue import outcomes_for_failure
-
 #: Preference of the backup MX record (the primary ``mx.D`` has 10).
 BACKUP_PREFERENCE = 20
 
@@ -115,6 +113,8 @@ class BackupTransport:
 
     @defer.inlineCallbacks
     def __call__(self, item, content):
+        from .queue import outcomes_for_failure  # here: the DNS agent imports this module too
+
         by_domain: dict[str, list[str]] = {}
         for rcpt in item.pending:
             by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)

@@ -23,6 +23,9 @@ The kinds (a fault applies to the server side of its agent's hop):
 
 ``refuse``     answer ``421 4.3.2`` (or ``--code 554``) instead of the
                greeting: the server is up but takes no mail (RFC 5321 3.1).
+               Only new connections see it: a client that keeps a session
+               open (as the MTAs do, :class:`~agents.smtpclient.ConnectionCache`)
+               goes on using it; use ``reply --stage mail`` to stop those too.
 ``reply``      answer ``--code`` (default ``451``) at ``--stage`` (``mail``,
                ``rcpt``, ``data``...) instead of asking the agent.
 ``delay``      wait ``--delay`` seconds before the agent answers at

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from .config import LabConfig
+from .exchangers import extra_hosts
 from .home import LabHome
 from .pki import ensure_ca, ensure_host_cert
 from .senderauth import prepare as sender_auth_prepare
@@ -95,7 +96,7 @@ class Lab:
         self.home.config_file.write_text(self.config.to_toml())
         ensure_ca(self.home.pki)
         for d in self.config.domains:
-            hosts = [d.host(r) for r in ("mta", "msa", "mda", "lmtp")]
+            hosts = [d.host(r) for r in ("mta", "msa", "mda", "lmtp")] + extra_hosts(d)  # + mx2.D
             ensure_host_cert(self.home.pki, d.name, hosts, d.address)
         sender_auth_prepare(self.home.root, self.config)  # DKIM keys under HOME/dkim, DMARC settings checked
         db = UserDB(self.home.users_file)
@@ -239,7 +240,12 @@ class Lab:
         return json.loads(out[-1])
 
     def send(self, sender: str, to: str | list[str], subject: str = "Hello", body: str = "Hello!\n", **options) -> dict:
-        """Compose and submit a message as ``sender`` (a lab user); returns the MUA's report."""
+        """Compose and submit a message as ``sender`` (a lab user); returns the MUA's report.
+
+        ``options`` are the MUA's ``send`` flags, e.g. ``header_from="..."``, or
+        ``direct_mx=True`` (or a domain) with ``source_address=...`` to skip the
+        MSA and talk to an MX directly, as forged mail does (:mod:`agents.directmx`).
+        """
         args = ["send", "--from", sender, "--subject", subject, "--body", body]
         for rcpt in [to] if isinstance(to, str) else to:
             args += ["--to", rcpt]
@@ -284,3 +290,27 @@ class Lab:
         from .trace import read_events
 
         return list(read_events(self.home.trace_dir))
+
+    # -- queues and faults, through each agent's control socket --------------
+
+    @property
+    def control(self):
+        """Every agent's queue, faults and counters (:class:`agents.control.LabControl`)."""
+        from .control import LabControl
+
+        return LabControl(self.home, self.config)
+
+    def queue(self, agent: str | None = None) -> list[dict]:
+        """The messages waiting in ``agent``'s queue (default: every MSA and MTA)."""
+        return self.control.queue(agent)
+
+    def fault(self, agent: str, kind: str, **options) -> dict:
+        """Make ``agent`` misbehave: ``lab.fault("mta.recipient.test", "reply", stage="rcpt", code=451)``.
+
+        Kinds and options are in :mod:`agents.faults`; returns the fault as set.
+        """
+        return self.control.fault(agent, kind, **options)
+
+    def clear_faults(self, agent: str | None = None) -> int:
+        """Remove ``agent``'s faults (default: every agent's); returns how many."""
+        return self.control.clear_faults(agent)

@@ -101,8 +101,8 @@ def build(ctx) -> None:
     delivery = control.wrap(LocalDeliveryPolicy(ctx, control.watch_store(store)))
     ctx.listen_tcp("lmtp", LMTPServerFactory(lmtp_policy, delivery, tracer=ctx.tracer))
     # One brute-force throttle for all four: a guesser gains nothing by switching.
-    guard = {"tracer": ctx.tracer, "throttle": login_throttle(ctx)}
-    ctx.listen_tcp("imap", make_imap_factory(store, checker, tls, **guard))
-    ctx.listen_ssl("imaps", make_imap_factory(store, checker, tls, implicit_tls=True, **guard), tls)
-    ctx.listen_tcp("pop3", make_pop3_factory(store, checker, tls, **guard))
-    ctx.listen_ssl("pop3s", make_pop3_factory(store, checker, tls, implicit_tls=True, **guard), tls)
+    shared = {"tracer": ctx.tracer, "throttle": login_throttle(ctx)}
+    ctx.listen_tcp("imap", make_imap_factory(store, checker, tls, **shared))
+    ctx.listen_ssl("imaps", make_imap_factory(store, checker, tls, implicit_tls=True, **shared), tls)
+    ctx.listen_tcp("pop3", make_pop3_factory(store, checker, tls, **shared))
+    ctx.listen_ssl("pop3s", make_pop3_factory(store, checker, tls, implicit_tls=True, **shared), tls)

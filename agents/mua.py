@@ -58,7 +58,10 @@ def compose(sender: str, to: list[str], subject: str, body: str,
             raise ComposeError(f"a newline in the {name} header is not allowed")
     msg = EmailMessage(policy=email.policy.SMTP)
     for name, value in headers.items():
-        msg[name] = value
+        try:
+            msg[name] = value
+        except ValueError as e:  # e.g. an encoded-word that decodes to a CR or LF in an address
+            raise ComposeError(f"the {name} header cannot be used: {e}") from None
     msg.set_content(body)
     data = msg.as_bytes()
     # The generator may encode long or non-ASCII values; check that the

@@ -79,11 +79,25 @@ def _issued_by(pem_path: Path, ca_cert: x509.Certificate) -> bool:
         return False
 
 
+def _names(pem_path: Path) -> set[str]:
+    """The DNS names a certificate is valid for (its subjectAltName)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem_path.read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return set(sans.get_values_for_type(x509.DNSName))
+    except Exception:
+        return set()
+
+
 def ensure_host_cert(pki: Path, domain: str, hostnames: list[str], address: str) -> Path:
-    """Issue (once) ``pki/<domain>.pem``: key and certificate for a domain's hosts."""
+    """Issue (once) ``pki/<domain>.pem``: key and certificate for a domain's hosts.
+
+    Issued again if the CA was remade or the domain gained a host name (a
+    backup MX): a client checks the name it connects to against the list.
+    """
     path = pki / f"{domain}.pem"
     ca_cert, ca_key = ensure_ca(pki)
-    if path.exists() and _issued_by(path, ca_cert):
+    if path.exists() and _issued_by(path, ca_cert) and set(hostnames) <= _names(path):
         return path
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)

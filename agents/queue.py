@@ -416,30 +416,29 @@ class DeliveryQueue:
         self.tracer.event("queue.flush", count=flushed, queue_id=queue_id)
         return flushed
 
-    @defer.inlineCallbacks
+    # hold, release and delete raise NoSuchMessage at once; the disk work is a Deferred.
+
     def hold(self, queue_id: str):
         """Park a message: no more attempts until released (Postfix ``postsuper -h``)."""
         item = self._get(queue_id)
         item.held = True
         self._cancel_timer(queue_id)
-        yield self._save_state(item)
         self.stats["held"] += 1
         self.tracer.event("held", queue_id=queue_id, message_id=item.message_id)
+        return self._save_state(item)
 
-    @defer.inlineCallbacks
     def release(self, queue_id: str):
         """Undo :meth:`hold`; the message is tried at once (``postsuper -H``)."""
         item = self._get(queue_id)
         if not item.held:
-            return
+            return defer.succeed(None)
         item.held = False
-        yield self._save_state(item)
         self.stats["released"] += 1
         self.tracer.event("released", queue_id=queue_id, message_id=item.message_id)
         if queue_id not in self._busy:
             self._schedule(item, 0)
+        return self._save_state(item)
 
-    @defer.inlineCallbacks
     def delete(self, queue_id: str):
         """Remove a message without delivering or bouncing it (``postsuper -d``).
 
@@ -449,7 +448,7 @@ class DeliveryQueue:
         item = self._get(queue_id)
         self._cancel_timer(queue_id)
         del self.items[queue_id]
-        yield self._blocking(self.spool.remove, queue_id)
         self.stats["deleted"] += 1
         self.tracer.event("deleted", queue_id=queue_id, message_id=item.message_id,
                           pending=item.pending)
+        return self._blocking(self.spool.remove, queue_id)

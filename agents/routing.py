@@ -99,7 +99,7 @@ class Router:
         last_error = None
         for _pref, host, ips in exchangers:
             for ip in ips:
-                if ip == self.domain.address:
+                if ip == self.ctx.spec.address:
                     # RFC 5321 5.1: an MX pointing back at ourselves is a loop.
                     return [Outcome(r, 554, "5.4.6", f"mail for {domain} loops back to myself")
                             for r in recipients]

@@ -42,6 +42,7 @@ from typing import Any, Callable
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
 
+from agents.config import ConfigError
 from agents.trace import NULL_TRACER, Tracer
 
 #: The security events, and what each one means. The monitor reads these.
@@ -68,7 +69,7 @@ def event(tracer: Tracer, name: str, **fields: Any) -> None:
 # Settings
 
 
-class SecuritySettingsError(ValueError):
+class SecuritySettingsError(ConfigError):
     """A value in the ``[security]`` table is of the wrong type or out of range."""
 
 

@@ -7,7 +7,8 @@ its own module (:mod:`agents.spf`, :mod:`agents.dkim`, :mod:`agents.dmarc`).
 message relayed to another domain is DKIM-signed first, with the domain's key
 from the lab home. The MSA has already completed the headers (Message-ID,
 Date), so the signature covers them. Mail for the MTA's own domain goes to
-the MDA over LMTP unsigned: it never leaves the provider.
+the MDA over LMTP (or, from a backup MX, up to the primary MX) unsigned: it
+never leaves the provider.
 
 **Inbound.** :class:`InboundChecks` stands in front of the MTA's own SMTP
 handler. For a message from another domain (not from our own MSA) it
@@ -59,7 +60,11 @@ def dns_records(domain, home_root) -> list[tuple[str, str]]:
     The domain's own SPF record (``v=spf1 ip4:<address> -all``) is in the
     zone already (:mod:`agents.dns`).
     """
+    from .exchangers import backup_address, backup_host
+
     records = [(domain.host("mta"), "v=spf1 a -all"), (f"_dmarc.{domain.name}", dmarc.record_for(domain))]
+    if backup_address(domain):  # a backup MX says HELO mx2.<domain>
+        records.append((backup_host(domain), "v=spf1 a -all"))
     key = dkim.load_key(home_root, domain) if home_root is not None else None
     if key is not None:
         records.append((key.dns_name, key.record))
@@ -162,17 +167,24 @@ class InboundChecks:
     """The MTA's SMTP handler with sender authentication in front of DATA.
 
     Every other hook (CONNECT, EHLO, MAIL, RCPT) is the MTA's own, unchanged.
+    ``internal`` are the addresses of our domain's other mail exchangers (a
+    backup MX): they checked the message at the border already, so what they
+    pass on is trusted as it is, their Authentication-Results included.
     """
 
-    def __init__(self, handler, auth: SenderAuth, domain, tracer=NULL_TRACER):
+    def __init__(self, handler, auth: SenderAuth, domain, tracer=NULL_TRACER, internal=frozenset()):
         self.handler, self.auth, self.domain, self.tracer = handler, auth, domain, tracer
         self.own_ids = {auth.authserv_id.lower(), domain.name.lower()}
+        self.internal = set(internal)
 
     def __getattr__(self, name):
         return getattr(self.handler, name)
 
     @defer.inlineCallbacks
     def handle_DATA(self, session, envelope):
+        if session.peer in self.internal:  # our own backup MX: checked and marked already
+            reply = yield self.handler.handle_DATA(session, envelope)
+            return reply
         content, removed = authres.strip_ours(envelope.content, self.own_ids, self.domain.name)
         content, forged_folder = quarantine.remove(content)
         tracer = self.tracer.bind(message_id=get_header(content, "Message-ID"), conn=session.conn_id)
@@ -192,10 +204,15 @@ class InboundChecks:
 
 
 def inbound(handler, ctx) -> InboundChecks:
-    """Put the inbound checks in front of an MTA's handler (what :mod:`agents.mta` calls)."""
-    authserv_id = ctx.domain.host("mta")
-    auth = SenderAuth(ctx.resolver(), authserv_id, tracer=ctx.tracer)
-    return InboundChecks(handler, auth, ctx.domain, tracer=ctx.tracer)
+    """Put the inbound checks in front of an MTA's handler (what :mod:`agents.mta` calls).
+
+    The authserv-id is the MTA's host name (``mx.D``, or ``mx2.D`` for a backup MX).
+    """
+    from .exchangers import backup_address, mta_hostname
+
+    auth = SenderAuth(ctx.resolver(), mta_hostname(ctx), tracer=ctx.tracer)
+    internal = {a for a in (backup_address(ctx.domain),) if a and a != ctx.spec.address}
+    return InboundChecks(handler, auth, ctx.domain, tracer=ctx.tracer, internal=internal)
 
 
 # -- outbound signing ---------------------------------------------------------------
@@ -213,7 +230,10 @@ class SigningRouter(Router):
 
     @defer.inlineCallbacks
     def by_mx(self, domain: str, item, recipients, content):
-        if self.key is not None:
+        # Mail for our own domain that goes by MX (a backup MX passing it up to
+        # the primary) stays inside our ADMD: signing it would vouch for a
+        # stranger's message with our key.
+        if self.key is not None and domain.lower() != self.ctx.domain.name:
             started = time.perf_counter()
             tracer = self.ctx.tracer.bind(queue_id=item.queue_id, message_id=item.message_id)
             try:

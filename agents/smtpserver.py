@@ -14,6 +14,11 @@ formatting) but replaces the parts that are known to be unsafe in Twisted
   never leaves the message before ``<CRLF>.<CRLF>`` (RFC 5321 4.1.1.4), even
   when the message is already known to be bad. That closes the
   "over-long line drops back to command mode" desync and SMTP smuggling.
+* **Abuse** (:mod:`agents.security`): with ``ServerPolicy.login_throttle`` a
+  failed AUTH is answered ever later and, past the limit, with ``421 4.7.0``
+  and a hang-up; sender-chosen routing in RCPT (``<@relay:user@elsewhere>``,
+  ``user@elsewhere@relay``) is refused as policy, ``550 5.7.1``, not as a
+  syntax error; refusals are recorded as ``security.*`` trace events.
 * **Policy and decisions** are not in the protocol. :class:`ServerPolicy` holds
   the limits; an :class:`SMTPHandler` answers hooks (``handle_MAIL`` ...) with a
   :class:`Reply`, ``None`` (the default answer), or a Deferred of either. The

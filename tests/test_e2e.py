@@ -17,7 +17,9 @@ def test_status_lists_every_agent_alive(lab):
     status = lab.status()
     names = {a["name"] for a in status["agents"]}
     assert names == {"dns", "msa.sender.test", "mta.sender.test", "mda.sender.test",
-                     "msa.recipient.test", "mta.recipient.test", "mda.recipient.test"}
+                     "msa.recipient.test", "mta.recipient.test", "mda.recipient.test",
+                     "mta2.recipient.test",  # recipient.test's backup MX (agents.exchangers)
+                     "mta.attacker.test"}  # attacker.test has no mailboxes: an MTA only
     assert all(a["alive"] for a in status["agents"])
     msa = next(a for a in status["agents"] if a["name"] == "msa.sender.test")
     assert set(msa["endpoints"]) == {"submission", "submissions"}
@@ -93,9 +95,11 @@ def test_killed_mta_keeps_message_and_delivers_after_restart(tmp_path_factory):
     lab = make_lab(tmp_path_factory)
     with lab:
         lab.stop_agent("mta.recipient.test")
+        lab.stop_agent("mta2.recipient.test")  # and its backup MX, or that one takes the mail
         sent = lab.send("alice@sender.test", "bob@recipient.test", "waits in queue", "x\n")
         assert sent["accepted"]
         lab.start_agent("mta.recipient.test")
+        lab.start_agent("mta2.recipient.test")
         msg = lab.wait_for("bob@recipient.test", sent["message_id"], timeout=40)
         assert msg["subject"] == "waits in queue"
         deferred = [e for e in lab.trace() if e["event"] == "deferred" and e["agent"] == "mta.sender.test"]

@@ -31,6 +31,7 @@ def server(hooks, clock=None):
     inner = Storing()
     handler = HookedHandler(inner, HookRunner(hooks, ctx))
     proto = SMTPServerFactory(ServerPolicy(hostname="mx.x.test"), handler).buildProtocol(PEER)
+    proto.callLater = task.Clock().callLater  # idle timers on a fake clock, not the reactor
     t = StringTransport(peerAddress=PEER)
     proto.makeConnection(t)
     t.clear()

@@ -16,10 +16,11 @@ from agents.users import UserDB, hash_password, verify_password
 def test_default_config_topology():
     c = LabConfig.load(None)
     assert c.dns_server == ("127.0.0.1", 1053)
-    assert [d.name for d in c.domains] == ["sender.test", "recipient.test"]
+    assert [d.name for d in c.domains] == ["sender.test", "recipient.test", "attacker.test"]
+    assert not c.domain("attacker.test").has_mailboxes  # the spoofing lesson's domain: an MTA only
     assert c.ports["submission"] == 1587 and c.ports["lmtp"] == 1024
     assert c.user("ALICE@sender.test").password == "alice-secret"
-    assert len(c.agents()) == 7
+    assert len(c.agents()) == 9  # 3 + 3 + mta2.recipient.test (backup MX) + mta.attacker.test + dns
 
 
 def test_config_refuses_non_loopback_addresses():
@@ -46,8 +47,9 @@ def test_zone_serves_mx_with_the_exchanger_address_as_additional():
     c = LabConfig.load(None)
     zone = LabZone(c.domain("recipient.test"), c.dns_address, c.ttl)
     answers, additional = _answers(zone.lookupMailExchange("recipient.test"))
-    assert [(a.payload.preference, a.payload.name.name) for a in answers] == [(10, b"mx.recipient.test")]
-    assert [a.payload.dottedQuad() for a in additional if a.type == dns.A] == ["127.0.2.1"]
+    assert sorted((a.payload.preference, a.payload.name.name) for a in answers) == [
+        (10, b"mx.recipient.test"), (20, b"mx2.recipient.test")]  # the backup MX (agents.exchangers)
+    assert sorted(a.payload.dottedQuad() for a in additional if a.type == dns.A) == ["127.0.2.1", "127.0.2.2"]
     answers, _ = _answers(zone.lookupAddress("smtp.recipient.test"))
     assert answers[0].payload.dottedQuad() == "127.0.2.1"
     answers, _ = _answers(zone.lookupText("recipient.test"))
