@@ -36,6 +36,11 @@ fetched            MDA (IMAP, POP3)        user, uid, message_id
 A hook may be a plain function, return a Deferred, or be ``async def``.
 ``ctx.clock()`` and ``ctx.resolver`` are injected, so a hook's tests can run
 on a fake clock and fake DNS and get the same answer every time.
+
+Each agent process calls :func:`install_hooks` once in its ``build``: it loads
+what the ``[hooks]`` table of the lab config names for that agent and keeps
+one :class:`HookRunner` on the agent's context (``ctx.hooks``). With no hook
+configured, nothing is wrapped and the agent runs exactly as before.
 """
 
 from __future__ import annotations
@@ -45,11 +50,12 @@ import importlib.util
 import inspect
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from twisted.internet import defer
+from twisted.python import log
 from twisted.python.failure import Failure
 
 from .smtpserver import Reply, SMTPHandler
@@ -144,9 +150,24 @@ class MessageView:
             raise ValueError("a header name or value may not contain CR, LF (or ':' in the name)")
         self.added.append((name, value))
 
+    def set_body(self, body: bytes | str) -> None:
+        """Replace the body (to add a footer, say). Every line end becomes CRLF:
+        RFC 5322 2.3 allows CR and LF in a message only together."""
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        lines = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        body = b"\r\n".join(lines)
+        self.body = body if body.endswith(b"\r\n") or not body else body + b"\r\n"
+
     def final_content(self) -> bytes:
         top = b"".join(f"{n}: {v}\r\n".encode("utf-8") for n, v in self.added)
-        return top + self.content
+        from .headers import split_message
+
+        head, body = split_message(self.content)
+        if self.body == body:
+            return top + self.content  # byte for byte what arrived, under the new fields
+        self.set_body(self.body)  # CRLF line ends, even if a hook assigned .body directly
+        return top + head + b"\r\n" + self.body
 
 
 @dataclass
@@ -165,6 +186,11 @@ class HookContext:
     #: Shared by all calls of all hooks in this agent (e.g. a greylist table).
     state: dict = field(default_factory=dict)
     tracer: Any = NULL_TRACER
+    #: Knobs from the lab config (``[hooks.settings]``), e.g. ``{"greylist_delay": 300}``.
+    settings: dict = field(default_factory=dict)
+    #: A directory every agent of the lab shares (``HOME/hooks``): the one place
+    #: where hooks in different agent processes can leave each other notes.
+    data_dir: Path | None = None
 
     def log(self, message: str, **fields) -> None:
         """A trace event ``hook.log`` (visible in ``mailpipe trace`` and notebooks)."""
@@ -196,8 +222,9 @@ def load_hook(spec: str) -> list[Hook]:
     return _hooks_of(module, module_name, function_name or None)
 
 
-def load_file(path: Path) -> list[Hook]:
-    """Every ``on_<event>`` function of one Python file (a student's own file)."""
+def load_file(path: Path, only: str | None = None) -> list[Hook]:
+    """Every ``on_<event>`` function of one Python file (a student's own file),
+    or only the function called ``only``."""
     path = Path(path)
     name = f"mailpipe_hooks_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -206,7 +233,7 @@ def load_file(path: Path) -> list[Hook]:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
-    return _hooks_of(module, str(path), None)
+    return _hooks_of(module, str(path), only)
 
 
 def _hooks_of(module, label: str, only: str | None) -> list[Hook]:
@@ -222,32 +249,88 @@ def _hooks_of(module, label: str, only: str | None) -> list[Hook]:
     return hooks
 
 
+class HookLoadError(Exception):
+    """A ``[hooks]`` entry that cannot be loaded; the message names the entry."""
+
+    def __init__(self, entry: str, error: BaseException):
+        detail = f"{type(error).__name__}: {error}"
+        if isinstance(error, SyntaxError) and error.lineno:
+            detail = f"SyntaxError: {error.msg} ({error.filename}, line {error.lineno})"
+        super().__init__(f"cannot load hook {entry!r}: {detail}")
+        self.entry, self.error = entry, error
+
+
+def entries_for(config, spec) -> list[tuple[str, str]]:
+    """``(key, entry)`` for every ``[hooks]`` entry that applies to one agent, in order."""
+    table = config.section("hooks")
+    entries: list[tuple[str, str]] = []
+    for key in ("all", spec.role, spec.name):
+        value = table.get(key, [])
+        entries += [(key, v) for v in ([value] if isinstance(value, str) else list(value))]
+    return entries
+
+
+def load_entry(entry: str) -> list[Hook]:
+    """The hooks one ``[hooks]`` entry names; :class:`HookLoadError` if it cannot be loaded.
+
+    An entry is a dotted path (``"coursework.greylist.solution:on_rcpt"``, or a
+    module for all its ``on_*``), a ``.py`` file (``"~/hooks/mine.py"``, or
+    ``"~/hooks/mine.py:on_rcpt"`` for one function) or a directory of them.
+    """
+    file_part, function = entry, None
+    head, colon, tail = entry.rpartition(":")
+    if colon and head.endswith(".py"):
+        file_part, function = head, tail
+    path = Path(file_part).expanduser()
+    try:
+        if file_part.endswith(".py") or path.is_dir():
+            if not path.exists():
+                raise FileNotFoundError(f"no such file: {path}")
+            files = sorted(path.glob("*.py")) if path.is_dir() else [path]
+            return [h for f in files for h in load_file(f, function)]
+        return load_hook(entry)
+    except Exception as e:
+        raise HookLoadError(entry, e) from e
+
+
 def hooks_for(config, spec) -> list[Hook]:
     """The hooks the lab config enables for one agent.
 
     ``[hooks]`` maps an agent name (``"mta.recipient.test"``), a role
     (``"mta"``) or ``"all"`` to a list of dotted paths or ``.py`` files or
-    directories::
+    directories; ``[hooks.settings]`` holds the knobs hooks read from
+    ``ctx.settings``::
 
         [hooks]
-        mta = ["coursework.greylist:on_rcpt"]
+        mta = ["coursework.greylist.solution:on_rcpt"]
         "msa.sender.test" = ["~/my-hooks/"]
+
+        [hooks.settings]
+        greylist_delay = 300
     """
-    table = config.section("hooks")
-    entries: list[str] = []
-    for key in ("all", spec.role, spec.name):
-        value = table.get(key, [])
-        entries += [value] if isinstance(value, str) else list(value)
-    hooks: list[Hook] = []
-    for entry in entries:
-        path = Path(entry).expanduser()
-        if entry.endswith(".py") or path.is_dir():
-            files = sorted(path.glob("*.py")) if path.is_dir() else [path]
-            for f in files:
-                hooks += load_file(f)
-        else:
-            hooks += load_hook(entry)
-    return hooks
+    return [hook for _key, entry in entries_for(config, spec) for hook in load_entry(entry)]
+
+
+def hook_settings(config) -> dict:
+    """The ``[hooks.settings]`` table: what hooks see as ``ctx.settings``."""
+    return dict(config.section("hooks").get("settings", {}))
+
+
+def describe(config) -> list[dict]:
+    """For ``mailpipe hooks list``: per agent, each active hook and each entry that fails to load."""
+    out = []
+    for spec in config.agents():
+        if spec.role == "dns":
+            continue
+        hooks, errors = [], []
+        for key, entry in entries_for(config, spec):
+            try:
+                hooks += [{"event": h.event, "hook": h.name, "entry": entry, "from": key}
+                          for h in load_entry(entry)]
+            except HookLoadError as e:
+                errors.append({"entry": entry, "from": key, "error": str(e)})
+        out.append({"agent": spec.name, "role": spec.role, "hooks": hooks, "errors": errors})
+    return out
 
 
 # -- running hooks ---------------------------------------------------------------
@@ -266,12 +349,15 @@ class HookRunner:
 
     @defer.inlineCallbacks
     def run(self, event: str, *args, notes: dict | None = None, transaction: dict | None = None):
-        """Run ``event``'s hooks; fires with a :class:`Verdict` (never fails)."""
-        ctx = self.ctx
-        if notes is not None:
-            ctx.notes = notes
-        if transaction is not None:
-            ctx.transaction = transaction
+        """Run ``event``'s hooks; fires with a :class:`Verdict` (never fails).
+
+        Each run gets its own copy of the context, with this connection's
+        notes and this transaction's scratch space; ``state``, the clock and
+        the resolver are shared. (One shared, mutated context would hand an
+        ``async`` hook another connection's notes after an ``await``.)
+        """
+        ctx = replace(self.ctx, notes={} if notes is None else notes,
+                      transaction={} if transaction is None else transaction)
         for hook in self.by_event.get(event, ()):
             started = time.perf_counter()
             try:
@@ -281,8 +367,10 @@ class HookRunner:
                 result = yield defer.maybeDeferred(lambda r=result: r)
             except Exception:
                 failure = Failure()
+                last = failure.frames[-1] if failure.frames else None  # where the hook failed
                 ctx.tracer.event("hook.error", hook=hook.name, hook_event=event,
-                                 error=f"{failure.type.__name__}: {failure.getErrorMessage()}")
+                                 error=f"{failure.type.__name__}: {failure.getErrorMessage()}",
+                                 where=f"{last[1]}:{last[2]}" if last else None)
                 if event in OBSERVE_ONLY:
                     continue
                 return HOOK_FAILED
@@ -300,6 +388,11 @@ class HookRunner:
             if verdict.kind != "continue":
                 return verdict
         return CONTINUE
+
+    def notify(self, event: str, *args) -> None:
+        """Run an observe-only event's hooks without waiting for them (the agent goes on)."""
+        if self.active(event):
+            self.run(event, *args).addErrback(log.err)
 
 
 async def _await(awaitable):
@@ -361,3 +454,58 @@ class HookedHandler(SMTPHandler):
             return self.inner.handle_DATA(session, envelope)
 
         return d.addCallback(decide)
+
+    def handle_AUTH(self, session, user):
+        """After a successful AUTH (MSA). RFC 4954 6 has the codes: a reject is
+        ``535 5.7.8``, a tempfail ``454 4.7.0``; either way the session stays
+        unauthenticated."""
+        agent_policy = getattr(self.inner, "handle_AUTH", None)
+
+        def fallback():
+            return agent_policy(session, user) if agent_policy is not None else None
+
+        if not self.runner.active("auth"):
+            return fallback()
+
+        def decide(verdict: Verdict):
+            if verdict.kind == "reject":
+                return Reply(535, "5.7.8", verdict.text)
+            if verdict.kind == "tempfail":
+                return Reply(454, "4.7.0", verdict.text)
+            return None if verdict.kind == "accept" else fallback()
+
+        return self.runner.run("auth", session, user, notes=session.notes).addCallback(decide)
+
+
+# -- installing hooks in an agent ---------------------------------------------------
+
+def install_hooks(ctx) -> HookRunner | None:
+    """Load this agent's hooks from the lab config; keep the runner as ``ctx.hooks``.
+
+    Called once by each agent's ``build`` (MSA, MTA, MDA). The hooks get the
+    agent's own clock (``reactor.seconds``), a resolver on the lab DNS and the
+    agent's tracer. A hook file that cannot be loaded stops the agent from
+    starting, with the reason: better than a lab that silently runs without it.
+    """
+    from .runtime import CannotStart
+
+    try:
+        hooks = hooks_for(ctx.config, ctx.spec)
+    except HookLoadError as e:
+        raise CannotStart(str(e)) from None
+    if not hooks:
+        ctx.hooks = None
+        return None
+    data_dir = ctx.home.root / "hooks"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    hook_ctx = HookContext(ctx.spec.name, ctx.spec.role, ctx.spec.domain, clock=ctx.reactor.seconds,
+                           resolver=ctx.resolver(), tracer=ctx.tracer,
+                           settings=hook_settings(ctx.config), data_dir=data_dir)
+    ctx.hooks = HookRunner(hooks, hook_ctx)
+    ctx.tracer.event("hooks.loaded", hooks=[f"{h.event}: {h.name}" for h in hooks])
+    return ctx.hooks
+
+
+def with_hooks(handler, runner: HookRunner | None):
+    """``handler`` with the SMTP/LMTP hooks in front of it, if this agent has any."""
+    return handler if runner is None else HookedHandler(handler, runner)

@@ -756,6 +756,13 @@ class TracingPortal:
 _READS_FILE = {"body", "bodystructure", "envelope", "rfc822", "rfc822header", "rfc822text"}
 
 
+def _reads_text(part) -> bool:
+    """Does this FETCH item return message text (RFC822, BODY[], BODY[TEXT], BODY[1]...)?"""
+    if part.type in ("rfc822", "rfc822text"):
+        return True
+    return part.type == "body" and not part.header and not part.mime and bool(part.text or part.empty or part.part)
+
+
 def _sets_seen(part) -> bool:
     """Does this FETCH item read the body, so it sets \\Seen (RFC 3501 6.4.5)?"""
     if part.type in ("rfc822", "rfc822text"):
@@ -779,6 +786,9 @@ class IMAPServer(imap4.IMAP4Server):
     """
 
     IDENT = b"mailpipe IMAP4rev1 ready"
+    #: Called as ``on_fetched(user, uid, message_id)`` when a FETCH returns a
+    #: message's text: the ``fetched`` coursework hook (agents.hooks).
+    on_fetched = None
 
     def __init__(self, store: MailStore, tls_context=None, tracer: Tracer = NULL_TRACER,
                  throttle=None):  # fmt: skip
@@ -947,6 +957,8 @@ class IMAPServer(imap4.IMAP4Server):
             message_id=message_id,
             items=" ".join(str(part) for part in query),
         )
+        if self.on_fetched is not None and any(_reads_text(part) for part in query):
+            self.on_fetched(self.user, msg.getUID(), message_id)
         return super().spewMessage(id, msg, query, uid)
 
     def spew_rfc822header(self, id, msg, _w=None, _f=None):
@@ -1027,19 +1039,21 @@ class IMAPServer(imap4.IMAP4Server):
 class IMAPServerFactory(protocol.ServerFactory):
     """Builds one :class:`IMAPServer` per connection, sharing store and portal."""
 
-    def __init__(self, store: MailStore, portal, tls_context, tracer: Tracer, throttle=None):
+    def __init__(self, store: MailStore, portal, tls_context, tracer: Tracer, throttle=None,
+                 on_fetched=None):  # fmt: skip
         self.store, self.portal, self.tls_context, self.tracer = store, portal, tls_context, tracer
-        self.throttle = throttle
+        self.throttle, self.on_fetched = throttle, on_fetched
 
     def buildProtocol(self, addr):
         server = IMAPServer(self.store, self.tls_context, self.tracer, self.throttle)
+        server.on_fetched = self.on_fetched
         server.portal = self.portal
         server.factory = self
         return server
 
 
 def make_imap_factory(store, checker, tls_context, implicit_tls=False, tracer=NULL_TRACER,
-                      throttle=None):  # fmt: skip
+                      throttle=None, on_fetched=None):  # fmt: skip
     """An IMAP server factory.
 
     * ``implicit_tls=False`` (port 143): listen with ``reactor.listenTCP``;
@@ -1051,9 +1065,11 @@ def make_imap_factory(store, checker, tls_context, implicit_tls=False, tracer=NU
 
     ``throttle``: an :class:`agents.security.LoginThrottle`, shared with the
     agent's other listeners, that slows down and then stops password guessing.
+    ``on_fetched(user, uid, message_id)``: see :attr:`IMAPServer.on_fetched`.
     """
     portal = cred_portal.Portal(IMAPRealm(store), [checker])
-    return IMAPServerFactory(store, portal, None if implicit_tls else tls_context, tracer, throttle)
+    return IMAPServerFactory(store, portal, None if implicit_tls else tls_context, tracer, throttle,
+                             on_fetched)
 
 
 __all__ = [

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,11 +45,27 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     # A zombie (exited, not yet reaped) still answers kill(0); check /proc.
+    # While the other threads of a killed process are still exiting, the
+    # main thread is already a zombie: count the process as alive until the
+    # last thread is gone, because until then it may still hold its sockets.
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
+            if f.read().split(") ", 1)[1][:1] != "Z":
+                return True
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
     except (OSError, IndexError):
-        return True
+        return os.path.exists(f"/proc/{pid}")
+
+
+def _tcp_port_free(address: str, port: int) -> bool:
+    """Could a new agent listen here now? (Twisted listens with SO_REUSEADDR.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return False
+    return True
 
 
 class Waiter:
@@ -190,7 +207,17 @@ class Lab:
         if proc is not None:
             proc.poll()
         self.home.pid_file(name).unlink(missing_ok=True)
+        self._wait_ports_released(name, deadline=time.monotonic() + 5)
         return True
+
+    def _wait_ports_released(self, name: str, deadline: float) -> None:
+        """Return once the agent's TCP ports can be bound again (a restart may follow)."""
+        spec = self.config.agent(name)
+        ports = [p for svc, p in spec.ports.items() if svc != "dns"]
+        while time.monotonic() < deadline:
+            if all(_tcp_port_free(spec.address, p) for p in ports):
+                return
+            time.sleep(0.02)
 
     def kill_agent(self, name: str) -> bool:
         """``kill -9`` one agent, as a crash would."""

@@ -19,6 +19,7 @@ from twisted.internet import defer
 
 from .control import AgentControl
 from .headers import get_header, received_field
+from .hooks import install_hooks, with_hooks
 from .imap import make_imap_factory
 from .lmtp import LMTPServerFactory
 from .maildir import MailStore
@@ -70,6 +71,8 @@ class LocalDeliveryPolicy(SMTPHandler):
         def stored(name):
             self.ctx.tracer.event("stored", queue_id=queue_id, rcpt=rcpt, maildir_file=name,
                                   message_id=message_id, conn=session.conn_id, folder=folder)
+            if self.ctx.hooks is not None:  # coursework hooks (agents.hooks)
+                self.ctx.hooks.notify("stored", rcpt, folder, message_id)
             return Reply(250, "2.0.0", f"<{rcpt}> delivered as {queue_id}")
 
         def failed(f):
@@ -83,6 +86,7 @@ class LocalDeliveryPolicy(SMTPHandler):
 
 
 def build(ctx) -> None:
+    hooks = install_hooks(ctx)  # coursework hooks from the lab config, if any (agents.hooks)
     store = MailStore(ctx.home.maildirs)
     for user in ctx.config.users_of(ctx.domain.name):
         store.maildir(user.address)
@@ -98,10 +102,11 @@ def build(ctx) -> None:
     )
     # mailpipe fault / queue stats, and a ledger that counts duplicate deliveries (agents.control)
     control = AgentControl(ctx)
-    delivery = control.wrap(LocalDeliveryPolicy(ctx, control.watch_store(store)))
+    delivery = control.wrap(with_hooks(LocalDeliveryPolicy(ctx, control.watch_store(store)), hooks))
     ctx.listen_tcp("lmtp", LMTPServerFactory(lmtp_policy, delivery, tracer=ctx.tracer))
     # One brute-force throttle for all four: a guesser gains nothing by switching.
-    shared = {"tracer": ctx.tracer, "throttle": login_throttle(ctx)}
+    fetched = (lambda *args: hooks.notify("fetched", *args)) if hooks else None  # coursework hooks
+    shared = {"tracer": ctx.tracer, "throttle": login_throttle(ctx), "on_fetched": fetched}
     ctx.listen_tcp("imap", make_imap_factory(store, checker, tls, **shared))
     ctx.listen_ssl("imaps", make_imap_factory(store, checker, tls, implicit_tls=True, **shared), tls)
     ctx.listen_tcp("pop3", make_pop3_factory(store, checker, tls, **shared))

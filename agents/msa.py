@@ -25,6 +25,7 @@ from twisted.internet import defer
 
 from .control import AgentControl
 from .dsn import bounce_maker
+from .hooks import install_hooks, with_hooks
 from .guards import SubmissionGuard
 from .headers import complete_for_submission, get_header, received_field
 from .queue import DeliveryQueue, queue_settings, spool_failure_reply
@@ -73,15 +74,16 @@ class SubmissionPolicy(SMTPHandler):
 
 def build(ctx) -> None:
     domain = ctx.domain
+    hooks = install_hooks(ctx)  # coursework hooks from the lab config, if any (agents.hooks)
     router = Router(ctx)
     spool = Spool(ctx.home.spool(ctx.spec.name))
     queue = DeliveryQueue(
         spool, lambda item, content: router.to_own_mta(item, item.pending, content),
-        reactor=ctx.reactor, tracer=ctx.tracer,
+        reactor=ctx.reactor, tracer=ctx.tracer, hooks=hooks,
         make_bounce=bounce_maker(domain.host("msa"), domain.name), **queue_settings(ctx.config),
     )
     control = AgentControl(ctx, queue=queue)  # mailpipe queue / fault (agents.control)
-    handler = control.wrap(SubmissionPolicy(ctx, queue))
+    handler = control.wrap(with_hooks(SubmissionPolicy(ctx, queue), hooks))  # faults, hooks, policy
     portal = make_auth_portal(UserDBChecker(UserDB(ctx.home.users_file)))
     tls = ctx.server_tls()
 

@@ -27,6 +27,7 @@ from .dsn import bounce_maker
 from .exchangers import BackupTransport, is_backup_mx, mta_hostname
 from .guards import RelayGuard
 from .headers import get_header, header_fields, received_field
+from .hooks import install_hooks, with_hooks
 from .queue import DeliveryQueue, outcomes_for_failure, queue_settings, spool_failure_reply
 from .routing import Router
 from .senderauth import SigningRouter, inbound
@@ -116,13 +117,14 @@ class Transport:
 
 def build(ctx) -> None:
     domain = ctx.domain
+    hooks = install_hooks(ctx)  # coursework hooks from the lab config, if any (agents.hooks)
     router = SigningRouter(ctx)  # DKIM-signs what it relays to other domains (agents.senderauth)
     router.helo = hostname = mta_hostname(ctx)
     spool = Spool(ctx.home.spool(ctx.spec.name))
     # A backup MX relays even its own domain's mail to the primary (agents.exchangers).
     transport = BackupTransport(ctx, router) if is_backup_mx(ctx) else Transport(ctx, router)
     queue = DeliveryQueue(
-        spool, transport, reactor=ctx.reactor, tracer=ctx.tracer,
+        spool, transport, reactor=ctx.reactor, tracer=ctx.tracer, hooks=hooks,
         make_bounce=bounce_maker(hostname, domain.name), **queue_settings(ctx.config),
     )
     control = AgentControl(ctx, queue=queue)  # mailpipe queue / fault (agents.control)
@@ -135,6 +137,7 @@ def build(ctx) -> None:
         require_auth=False,
     )
     handler = inbound(TransferPolicy(ctx, queue), ctx)  # SPF, DKIM, DMARC on mail from other domains
+    handler = with_hooks(handler, hooks)  # coursework hooks see each step before the checks
     handler = control.wrap(handler)  # injected faults, if any, come first
     ctx.listen_tcp("smtp", SMTPServerFactory(policy, handler, tracer=ctx.tracer))
     ctx.reactor.callWhenRunning(queue.recover)

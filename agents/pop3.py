@@ -28,6 +28,7 @@ from twisted.mail import pop3
 from twisted.python import log
 from zope.interface import implementer
 
+from agents.headers import get_header
 from agents.imap import TracingPortal
 from agents.maildir import MailStore
 from agents.security import LoginBlocked, ThrottledPortal, tls_failure
@@ -126,6 +127,10 @@ class POP3Maildrop:
     def getMessage(self, index):
         return io.BytesIO(self.read(index))
 
+    def uid(self, index: int) -> int:
+        """The message's IMAP UID (the first half of its UIDL)."""
+        return self._messages[self._check(index)].uid
+
     def getUidl(self, index):
         return b"%08X%08X" % (self._messages[self._check(index)].uid, self._validity)
 
@@ -183,6 +188,9 @@ class POP3Server(pop3.POP3):
     """
 
     AUTH_CMDS = pop3.POP3.AUTH_CMDS + [b"STLS"]
+    #: Called as ``on_fetched(user, uid, message_id)`` after a RETR: the
+    #: ``fetched`` coursework hook (agents.hooks).
+    on_fetched = None
     MAX_LENGTH = 512  # RFC 2449 4: commands are at most 255 octets; be lenient
 
     def __init__(self, store: MailStore, tls_context=None, tracer: Tracer = NULL_TRACER,
@@ -364,6 +372,8 @@ class POP3Server(pop3.POP3):
             self.tracer.event(
                 "pop3.retr", conn=self.conn_id, user=self.user, uidl=uidl, size=len(content)
             )
+            if self.on_fetched is not None:
+                self.on_fetched(self.user, self.mbox.uid(index), get_header(content, "Message-ID"))
         else:
             self.successResponse(b"top of message follows")
             self.transport.write(dot_stuff(top_of(content, lines)))
@@ -430,19 +440,21 @@ class POP3Server(pop3.POP3):
 class POP3ServerFactory(protocol.ServerFactory):
     """Builds one :class:`POP3Server` per connection."""
 
-    def __init__(self, store: MailStore, portal, tls_context, tracer: Tracer, throttle=None):
+    def __init__(self, store: MailStore, portal, tls_context, tracer: Tracer, throttle=None,
+                 on_fetched=None):  # fmt: skip
         self.store, self.portal, self.tls_context, self.tracer = store, portal, tls_context, tracer
-        self.throttle = throttle
+        self.throttle, self.on_fetched = throttle, on_fetched
 
     def buildProtocol(self, addr):
         server = POP3Server(self.store, self.tls_context, self.tracer, self.throttle)
+        server.on_fetched = self.on_fetched
         server.portal = self.portal
         server.factory = self
         return server
 
 
 def make_pop3_factory(store, checker, tls_context, implicit_tls=False, tracer=NULL_TRACER,
-                      throttle=None):  # fmt: skip
+                      throttle=None, on_fetched=None):  # fmt: skip
     """A POP3 server factory.
 
     ``implicit_tls=False`` (port 110): listen with ``reactor.listenTCP``;
@@ -452,7 +464,8 @@ def make_pop3_factory(store, checker, tls_context, implicit_tls=False, tracer=NU
     :func:`agents.imap.make_imap_factory`.
     """
     portal = cred_portal.Portal(POP3Realm(store), [checker])
-    return POP3ServerFactory(store, portal, None if implicit_tls else tls_context, tracer, throttle)
+    return POP3ServerFactory(store, portal, None if implicit_tls else tls_context, tracer, throttle,
+                             on_fetched)
 
 
 __all__ = [

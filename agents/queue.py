@@ -172,6 +172,7 @@ class DeliveryQueue:
         concurrency: int = 20,
         run_blocking=threads.deferToThread,
         rng: random.Random | None = None,
+        hooks=None,
     ):
         self.spool = spool
         self.transport = transport
@@ -189,6 +190,8 @@ class DeliveryQueue:
         self.items: dict[str, QueuedMessage] = {}
         #: what happened so far, for ``mailpipe queue stats``
         self.stats: Counter = Counter()
+        #: coursework hooks (agents.hooks): told of each spooled message and each attempt
+        self.hooks = hooks
 
     def _now(self) -> float:
         return self.reactor.seconds()
@@ -214,6 +217,8 @@ class DeliveryQueue:
             )
             self.items[item.queue_id] = item
             self.stats["spooled"] += 1
+            if self.hooks is not None:
+                self.hooks.notify("queued", item)
             # Deliver right away, from memory: no need to read the spool back.
             self.reactor.callLater(0, self._attempt, item, content)
             return item.queue_id
@@ -288,6 +293,8 @@ class DeliveryQueue:
 
     @defer.inlineCallbacks
     def _record(self, item: QueuedMessage, content: bytes, outcomes: list[Outcome]):
+        if self.hooks is not None:
+            self.hooks.notify("delivery_result", item, list(outcomes))
         failed, waiting = [], []
         for o in outcomes:
             if o.delivered:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from twisted.internet import defer
 
 from .exchangers import is_null_mx, usable_exchangers
+from .hooks import Route
 from .queue import Outcome
 from .resolver import LookupFailed
 from .smtpclient import ConnectionCache, SMTPDeliveryError
@@ -44,6 +45,7 @@ class Router:
         self.resolver = ctx.resolver()
         self.helo = self.domain.host(ctx.spec.role)
         self.cache = ConnectionCache(ctx.reactor, tracer=ctx.tracer)
+        self.hooks = getattr(ctx, "hooks", None)  # coursework hooks: before_relay (agents.hooks)
         ctx.reactor.addSystemEventTrigger("before", "shutdown", self.close_connections)
 
     def close_connections(self):
@@ -64,7 +66,28 @@ class Router:
         )
 
     @defer.inlineCallbacks
+    def before_relay(self, item, route: Route):
+        """Run the ``before_relay`` hooks, which may reorder or replace ``route.hosts``.
+
+        Returns None to go ahead, or the recipients' outcomes if a hook refused
+        (a reject bounces them, a tempfail keeps them queued for a retry).
+        """
+        if self.hooks is None or not self.hooks.active("before_relay"):
+            return None
+        verdict = yield self.hooks.run("before_relay", item, route)
+        if verdict.kind in ("reject", "tempfail"):
+            return [Outcome(r, verdict.code, verdict.status, verdict.text) for r in route.recipients]
+        return None
+
+    @defer.inlineCallbacks
     def _send_to_host(self, host: str, service: str, item, recipients, content, lmtp=False):
+        route = Route(self.domain.name, list(recipients), [(0, host)])
+        refused = yield self.before_relay(item, route)
+        if refused is not None:
+            return refused
+        if not route.hosts:
+            raise SMTPDeliveryError(451, "4.4.0", "a before_relay hook left no host to try", permanent=False)
+        host = route.hosts[0][1]  # the next hop of our own domain: only the first is tried
         ips = yield self.resolver.lookup_a(host)
         if not ips:
             raise SMTPDeliveryError(451, "4.4.4", f"{host} has no address record", permanent=False)
@@ -96,6 +119,18 @@ class Router:
         exchangers = usable_exchangers(exchangers, self.ctx.spec.address)
         if not exchangers:
             return [Outcome(r, 554, "5.4.6", f"mail for {domain} loops back to myself") for r in recipients]
+        if self.hooks is not None and self.hooks.active("before_relay"):
+            route = Route(domain, list(recipients), [(pref, host) for pref, host, _ips in exchangers])
+            refused = yield self.before_relay(item, route)
+            if refused is not None:
+                return refused
+            known = {host: ips for _pref, host, ips in exchangers}
+            exchangers = []
+            for pref, host in route.hosts:
+                ips = known.get(host)
+                if ips is None:  # a host the hook added: look up its address
+                    ips = yield self.resolver.lookup_a(host)
+                exchangers.append((pref, host, ips))
         last_error = None
         for _pref, host, ips in exchangers:
             for ip in ips:

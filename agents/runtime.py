@@ -40,6 +40,8 @@ class AgentContext:
     config: LabConfig
     spec: AgentSpec
     tracer: Tracer
+    #: This agent's coursework hooks (an agents.hooks.HookRunner), set by install_hooks.
+    hooks: object = None
 
     @property
     def domain(self):

@@ -135,6 +135,11 @@ class SMTPHandler:
     def handle_RCPT(self, session: Session, envelope: Envelope, address: str, options: dict):
         return None
 
+    def handle_AUTH(self, session: Session, user: str) -> Reply | None:
+        """After the password checked out: ``None`` logs the user in; a 4xx or
+        5xx reply is sent instead and the session stays unauthenticated."""
+        return None
+
     def handle_DATA(self, session: Session, envelope: Envelope):
         """Take responsibility for ``envelope.content``.
 
@@ -938,9 +943,29 @@ class SMTPServer(smtp.ESMTP):
         self._mode = _Mode.COMMAND
         credentials, self.challenger = self.challenger, None
         d = self.portal.login(credentials, None, IMessageDelivery)
+        d.addCallback(self._auth_policy, credentials)
         self._when_ready(d, lambda outcome: self._auth_done(outcome, credentials))
 
+    def _auth_policy(self, outcome: Any, credentials: Any):
+        """The password is right; ``handler.handle_AUTH`` may still refuse the user."""
+        hook = getattr(self.handler, "handle_AUTH", None)
+        if hook is None:
+            return outcome
+
+        def decided(verdict):
+            reply = self._verdict(verdict, "handle_AUTH", default=None)
+            if reply is None or reply.ok:
+                return outcome
+            outcome[2]()  # log the avatar out again
+            return _AuthRefused(reply)
+
+        return defer.maybeDeferred(hook, self.session, _auth_user(outcome, credentials)).addBoth(decided)
+
     def _auth_done(self, outcome: Any, credentials: Any) -> None:
+        if isinstance(outcome, _AuthRefused):
+            self._event("auth.result", mechanism=self._mechanism, ok=False, code=outcome.reply.code,
+                        refused_by="handler")
+            return self._send(outcome.reply, "AUTH")
         if isinstance(outcome, Failure):
             if outcome.check(LoginBlocked):  # agents.security: too many failures
                 self._event("auth.result", mechanism=self._mechanism, ok=False, code=421)
@@ -952,10 +977,8 @@ class SMTPServer(smtp.ESMTP):
                 reply = Reply(454, "4.7.0", "Temporary authentication failure")
             self._event("auth.result", mechanism=self._mechanism, ok=False, code=reply.code)
             return self._send(reply, "AUTH")
-        _iface, avatar, logout = outcome
-        user = getattr(avatar, "user", None) or credentials.username
-        if isinstance(user, bytes):
-            user = user.decode("utf-8", "replace")
+        _iface, _avatar, logout = outcome
+        user = _auth_user(outcome, credentials)
         self.session.user, self.authenticated, self._onLogout = user, True, logout
         self._event("auth.result", mechanism=self._mechanism, ok=True, user=user)
         self._send(Reply(235, "2.7.0", "Authentication successful"))
@@ -965,6 +988,19 @@ class SMTPServer(smtp.ESMTP):
             self._onLogout()
             self._onLogout = None
         self.session.user, self.authenticated = None, False
+
+
+@dataclass(frozen=True)
+class _AuthRefused:
+    """The password was right but ``handle_AUTH`` said no: this reply instead of 235."""
+
+    reply: Reply
+
+
+def _auth_user(outcome: Any, credentials: Any) -> str:
+    """The authenticated identity of a successful cred login (the avatar's address)."""
+    user = getattr(outcome[1], "user", None) or credentials.username
+    return user.decode("utf-8", "replace") if isinstance(user, bytes) else user
 
 
 class SMTPServerFactory(protocol.ServerFactory):
