@@ -158,9 +158,13 @@ class LoginThrottle:
     """Failed logins per client address, in a sliding window.
 
     ``begin(client)`` before checking a password (False: refuse, the client
-    is blocked), ``end(client, ok)`` after. A login in progress counts against
-    the limit: a script that opens fifty connections and guesses in all of
-    them at once still gets only ``max_failures`` guesses per window.
+    is blocked), ``end(client, ok)`` after. At most ``max_concurrent`` logins
+    from one address are checked at the same time (like Postfix's anvil
+    limits), and once an address has failed, its logins in progress count
+    against the limit too: a script that opens fifty connections and guesses
+    in all of them at once gets ``max_concurrent`` guesses in its first wave
+    and few after. A mail client that opens ten connections with the right
+    password is never held up.
 
     Successful logins are never delayed and do not wipe the record: otherwise
     an attacker who owns one account could reset the count between guesses
@@ -173,12 +177,13 @@ class LoginThrottle:
     MAX_CLIENTS = 10_000
 
     def __init__(self, clock=None, *, base_delay: float = 0.5, max_delay: float = 4.0,
-                 max_failures: int = 6, window: float = 600.0):  # fmt: skip
+                 max_failures: int = 6, window: float = 600.0, max_concurrent: int = 32):  # fmt: skip
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
         self.base_delay, self.max_delay = base_delay, max_delay
         self.max_failures, self.window = max_failures, window
+        self.max_concurrent = max_concurrent
         self._clients: dict[str, _Client] = {}
 
     @classmethod
@@ -205,7 +210,10 @@ class LoginThrottle:
         if record is None:
             return False
         self._expire(record)
-        return len(record.failures) + record.in_flight >= self.max_failures
+        failures = len(record.failures)
+        if failures >= self.max_failures or record.in_flight >= self.max_concurrent:
+            return True
+        return failures > 0 and failures + record.in_flight >= self.max_failures
 
     def begin(self, client: str) -> bool:
         """A login attempt starts; False means refuse it without checking the password."""

@@ -87,14 +87,28 @@ def test_success_is_not_counted_and_does_not_reset_the_failures():
     assert t.failures("c") == 1
 
 
-def test_logins_in_flight_count_against_the_limit():
+def test_logins_in_flight_are_bounded_and_count_once_the_client_has_failed():
     """Fifty parallel guesses cannot all slip in before the first failure is recorded."""
     t = throttle(task.Clock(), max_failures=3)
+    t.max_concurrent = 10
     started = [t.begin("c") for _ in range(50)]
-    assert started.count(True) == 3
+    assert started.count(True) == 10
     for _ in range(3):
         t.end("c", ok=False)
     assert t.is_blocked("c")
+    # After a failure, logins in progress count: one failure + two in flight = 3.
+    t2 = throttle(task.Clock(), max_failures=3)
+    t2.begin("d")
+    t2.end("d", ok=False)
+    assert [t2.begin("d") for _ in range(5)].count(True) == 2
+
+
+def test_a_client_with_many_connections_and_the_right_password_is_not_held_up():
+    t = throttle(task.Clock(), max_failures=3)
+    assert all(t.begin("mua") for _ in range(10))
+    for _ in range(10):
+        assert t.end("mua", ok=True) is None
+    assert not t.is_blocked("mua")
 
 
 def test_idle_clients_are_forgotten_so_memory_stays_bounded(monkeypatch):
