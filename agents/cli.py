@@ -13,6 +13,8 @@
     mailpipe kill AGENT | start AGENT
     mailpipe queue [list|show|flush|hold|release|delete|stats]   (agents.queuetools)
     mailpipe fault set AGENT KIND [...] | list | clear [AGENT]
+    mailpipe hooks list [--json]  which coursework hooks each agent loads   (agents.hookcli)
+    mailpipe check EXERCISE [--path FILE_OR_DIR] [--unit-only]   grade an exercise
 
 ``--home DIR`` (else ``$MAILPIPE_HOME``, else ``~/.mailpipe/lab``) chooses the
 lab; ``--config FILE`` a lab config other than the default.
@@ -211,7 +213,7 @@ def cmd_demo(args) -> int:
 
 #: Modules that add their own subcommands: each has ``register(subparsers)``,
 #: and each command function gets the parsed ``args`` (with ``home``, ``config``).
-COMMAND_MODULES: tuple[str, ...] = ("queuetools", "monitor")
+COMMAND_MODULES: tuple[str, ...] = ("queuetools", "monitor", "hookcli")
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -291,13 +292,18 @@ class LabConfig:
             lines += ["", "[[domain]]", f'name = "{d.name}"', f'address = "{d.address}"']
             if not d.has_mailboxes:
                 lines.append("has_mailboxes = false")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in d.options.items()]
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in d.options.items()]
         for u in self.users:
             lines += ["", "[[user]]", f'address = "{u.address}"', f'password = "{u.password}"']
         for name, table in self.sections.items():
             lines += ["", f"[{name}]"]
-            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
         return "\n".join(lines) + "\n"
+
+
+def _toml_key(key: str) -> str:
+    """A bare key if it can be one; else quoted (``"mta.recipient.test"`` is one key, not three)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
 
 
 def _toml_value(value) -> str:
@@ -311,5 +317,5 @@ def _toml_value(value) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise ConfigError(f"cannot write {value!r} to TOML")

@@ -44,6 +44,7 @@ from agents.maildir import (
     NoSuchFolder,
     UnsafePath,
     check_folder_name,
+    format_info,
 )
 from agents.security import ThrottledPortal, tls_failure
 from agents.security import event as security_event
@@ -317,10 +318,37 @@ class MaildirMailbox:
         if folder != self.folder or not self._loaded:
             return
         before = len(self._uids)
-        self._sync(expunge=False)
+        if not self._append_delivered(key):
+            self._sync(expunge=False)
         if len(self._uids) > before:
             for listener in list(self._listeners):
                 listener.newMessages(len(self._uids), self.getRecentCount())
+
+    def _append_delivered(self, key: str) -> bool:
+        """Add one just-delivered message to the view without rescanning the folder.
+
+        The store tells us its UID; if it is above everything we show, the
+        message goes at the end (and, in a read-write session, is claimed as
+        \\Recent by moving it to ``cur/``). Anything unusual (an unknown
+        UID, a gap we cannot explain) falls back to a full scan.
+        """
+        uid = self.mail_store.delivered_uid(self.address, self.folder, key)
+        highest = self._uids[-1] if self._uids else 0
+        if uid is None or uid <= highest or uid != self._uid_next:
+            return False
+        path = self.maildir.path / "new" / key
+        if self.writeable:
+            claimed = self.maildir.path / "cur" / (key + format_info(""))
+            try:
+                os.rename(path, claimed)
+            except OSError:
+                return False
+            path = claimed
+        self._uids.append(uid)
+        self._files[uid] = MessageFile(uid, key, path)
+        self._recent.add(uid)
+        self._uid_next = uid + 1
+        return True
 
     def flags_of(self, uid: int) -> list[str]:
         file = self._files.get(uid)

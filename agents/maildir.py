@@ -194,7 +194,10 @@ class _UidList:
         for line in lines[1:]:
             uid, _, key = line.partition(" :")
             uids[key] = int(uid)
-        return cls(header["V"], header["N"], uids)
+        # Records are appended after the header is written, so its N is only
+        # a lower bound (as in Dovecot): the next UID follows the highest record.
+        uid_next = max([header["N"]] + [uid + 1 for uid in uids.values()])
+        return cls(header["V"], uid_next, uids)
 
     def assign(self, key: str) -> int:
         uid = self.uids.get(key)
@@ -219,6 +222,11 @@ class Maildir:
     """
 
     _counter = itertools.count(1)
+
+    #: Parsed UID lists of this process, by path, with the (inode, size,
+    #: mtime) they were read at: a delivery then costs a ``stat`` instead of
+    #: reading and parsing the whole list, which grows with the mailbox.
+    _uidlist_cache: dict[Path, tuple[tuple, "_UidList"]] = {}
 
     def __init__(self, path: Path, create: bool = True):
         self.path = Path(path)
@@ -252,6 +260,10 @@ class Maildir:
         the file size is the RFC822.SIZE that IMAP reports and POP3 counts).
         With ``flags`` (IMAP APPEND) the message goes straight to ``cur/``.
         """
+        return self.deliver_with_uid(content, flags, mtime)[0]
+
+    def deliver_with_uid(self, content: bytes, flags: str = "", mtime: float | None = None) -> tuple[str, int]:
+        """Like :meth:`deliver`, and also return the UID the message got."""
         key = self.unique_name(len(content))
         final = self.path / "cur" / (key + format_info(flags)) if flags else self.path / "new" / key
         write_durably(self.path / "tmp" / key, final, content)
@@ -259,9 +271,12 @@ class Maildir:
             os.utime(final, (mtime, mtime))
         with self._locked():
             uidlist = self._read_uidlist()
-            uidlist.assign(key)
-            self._write_uidlist(uidlist)
-        return key
+            uid = uidlist.assign(key)
+            if self._uidlist_path.exists():
+                self._append_uid(uidlist, key, uid)
+            else:
+                self._write_uidlist(uidlist)
+        return key, uid
 
     # -- reading ------------------------------------------------------------
 
@@ -376,9 +391,23 @@ class Maildir:
         finally:
             os.close(fd)  # closing releases the lock
 
-    def _read_uidlist(self) -> _UidList:
+    def _uidlist_signature(self) -> tuple | None:
         try:
-            return _UidList.parse(self._uidlist_path.read_text())
+            st = os.stat(self._uidlist_path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _read_uidlist(self) -> _UidList:
+        """The folder's UID list (call with the lock held)."""
+        signature = self._uidlist_signature()
+        cached = self._uidlist_cache.get(self._uidlist_path)
+        if signature is not None and cached is not None and cached[0] == signature:
+            return cached[1]
+        try:
+            uidlist = _UidList.parse(self._uidlist_path.read_text())
+            self._uidlist_cache[self._uidlist_path] = (signature, uidlist)
+            return uidlist
         except FileNotFoundError:
             return _UidList.fresh()
         except (ValueError, KeyError, IndexError):
@@ -388,10 +417,30 @@ class Maildir:
             return _UidList.fresh()
 
     def _write_uidlist(self, uidlist: _UidList) -> None:
+        """Rewrite the whole list (call with the lock held)."""
         tmp = self.path / (UIDLIST_NAME + ".tmp")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()  # left over by a crash; we hold the lock
+        self._uidlist_cache.pop(self._uidlist_path, None)
         write_durably(tmp, self._uidlist_path, uidlist.render())
+        self._uidlist_cache[self._uidlist_path] = (self._uidlist_signature(), uidlist)
+
+    def _append_uid(self, uidlist: _UidList, key: str, uid: int) -> None:
+        """Add one record at the end, as Dovecot does (call with the lock held).
+
+        One small append and one fsync, instead of rewriting the whole list
+        at every delivery. A crash can only lose the last record, never the
+        message: the next scan gives the file a UID again.
+        """
+        self._uidlist_cache.pop(self._uidlist_path, None)
+        fd = os.open(self._uidlist_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        try:
+            os.write(fd, f"{uid} :{key}\n".encode())
+            os.fsync(fd)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        self._uidlist_cache[self._uidlist_path] = ((st.st_ino, st.st_size, st.st_mtime_ns), uidlist)
 
 
 # --------------------------------------------------------------------------
@@ -415,6 +464,7 @@ class MailStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._run_in_thread = run_in_thread
         self._subscribers: dict[str, list[Subscriber]] = {}
+        self._delivered_uids: dict[tuple[str, str, str], int] = {}
 
     # -- paths --------------------------------------------------------------
 
@@ -523,7 +573,14 @@ class MailStore:
 
     def deliver_now(self, address: str, content: bytes, folder: str = INBOX, **options) -> str:
         """Deliver in the calling thread (blocking). Does not notify."""
-        return self.maildir(address, folder).deliver(content, **options)
+        return self._deliver(address, content, folder, **options)[0]
+
+    def _deliver(self, address: str, content: bytes, folder: str, **options) -> tuple[str, int]:
+        return self.maildir(address, folder).deliver_with_uid(content, **options)
+
+    def delivered_uid(self, address: str, folder: str, key: str) -> int | None:
+        """The UID a message just delivered got (for subscribers, during notify)."""
+        return self._delivered_uids.get((address.lower(), folder, key))
 
     def deliver(self, address: str, content: bytes, folder: str = INBOX, **options):
         """Deliver in a thread; fire with the key once the message is on disk.
@@ -533,10 +590,15 @@ class MailStore:
         """
         address = address.lower()
         folder = check_folder_name(folder)
-        d = self._run_in_thread(self.deliver_now, address, content, folder, **options)
+        d = self._run_in_thread(self._deliver, address, content, folder, **options)
 
-        def delivered(key: str) -> str:
-            self.notify(address, folder, key)
+        def delivered(result: tuple[str, int]) -> str:
+            key, uid = result
+            self._delivered_uids[(address, folder, key)] = uid
+            try:
+                self.notify(address, folder, key)
+            finally:
+                self._delivered_uids.pop((address, folder, key), None)
             return key
 
         return d.addCallback(delivered)

@@ -214,3 +214,29 @@ def test_store_deliver_runs_in_a_thread_by_default(tmp_path):
 
     store = MailStore(tmp_path)
     assert store._run_in_thread is threads.deferToThread
+
+
+def test_uid_records_are_appended_and_read_back_by_a_new_process(tmp_path):
+    from agents.maildir import Maildir, UIDLIST_NAME
+
+    box = Maildir(tmp_path / "box")
+    keys = [box.deliver(f"Subject: {i}\r\n\r\nx\r\n".encode()) for i in range(3)]
+    text = (tmp_path / "box" / UIDLIST_NAME).read_text().splitlines()
+    assert text[1:] == [f"{i + 1} :{k}" for i, k in enumerate(keys)]  # one record per delivery
+    Maildir._uidlist_cache.clear()  # as a fresh process would start
+    snapshot = Maildir(tmp_path / "box").scan()
+    assert [(m.uid, m.key) for m in snapshot.messages] == [(i + 1, k) for i, k in enumerate(keys)]
+    assert snapshot.uid_next == 4  # from the records, although the header still says N1 or N2
+    assert Maildir(tmp_path / "box").deliver_with_uid(b"Subject: 4\r\n\r\nx\r\n")[1] == 4
+
+
+def test_uid_cache_notices_a_list_changed_by_someone_else(tmp_path):
+    from agents.maildir import Maildir, UIDLIST_NAME
+
+    box = Maildir(tmp_path / "box")
+    box.deliver(b"Subject: a\r\n\r\nx\r\n")
+    path = tmp_path / "box" / UIDLIST_NAME
+    header, record = path.read_text().splitlines()
+    validity = header.split()[1]
+    path.write_text(f"3 {validity} N50\n{record.replace('1 :', '49 :')}\n")  # another process renumbered
+    assert box.deliver_with_uid(b"Subject: b\r\n\r\nx\r\n")[1] == 50

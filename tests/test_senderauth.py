@@ -634,3 +634,29 @@ def test_backup_mx_does_not_sign_its_own_domains_mail(keys, monkeypatch):
     result_of(router.by_mx("sender.test", item, ["alice@sender.test"], MESSAGE))
     assert calls[0] == ("recipient.test", MESSAGE)  # up to our primary MX: as it was
     assert calls[1][1].startswith(b"DKIM-Signature:")  # out to another domain: signed
+
+
+def test_openssl_rsa_signing_gives_the_same_signature_as_dkimpy(tmp_path):
+    """Our fast path must be byte-for-byte what dkimpy's pure-Python RSA computes."""
+    import dkim as dkimpy
+    import dkim.crypto
+
+    from agents import dkim as ours
+    from agents.config import Domain
+
+    key = ours.ensure_key(tmp_path, Domain("x.test", "127.0.9.1", True, {}))
+    message = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: s\r\n\r\nbody\r\n"
+
+    def signature(signer):
+        saved = dkimpy.RSASSA_PKCS1_v1_5_sign
+        dkimpy.RSASSA_PKCS1_v1_5_sign = signer
+        try:
+            d = dkimpy.DKIM(message, linesep=b"\r\n")
+            return d.sign(key.selector.encode(), b"x.test", key.dkimpy_private_key(),
+                          include_headers=[b"from", b"to", b"subject"])
+        finally:
+            dkimpy.RSASSA_PKCS1_v1_5_sign = saved
+
+    import re
+    strip_t = lambda sig: re.sub(rb"t=\d+;", b"", sig)
+    assert strip_t(signature(ours._rsa_sign_with_openssl)) == strip_t(signature(dkim.crypto.RSASSA_PKCS1_v1_5_sign))

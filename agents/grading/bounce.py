@@ -127,7 +127,9 @@ def list_file(student):
                "message that expired in the queue (5.4.7) says nothing about the address.")
 def only_address_failures(student):
     world = World()
-    _deliver(student, world, dsn(("strict@recipient.test", 550, "5.7.1"), ("late@recipient.test", 550, "5.4.7")))
+    _deliver(student, world, dsn(("strict@recipient.test", 550, "5.7.1"), ("late@recipient.test", 550, "5.4.7"),
+                                 ("nobody@recipient.test", 550, "5.1.1")))
+    expect_reject(_rcpt(student, world.data_dir, "nobody@recipient.test"), "RCPT nobody@recipient.test (5.1.1)")
     for address in ("strict@recipient.test", "late@recipient.test"):
         expect_continue(_rcpt(student, world.data_dir, address), f"RCPT {address} after a non-address failure")
 
@@ -136,6 +138,9 @@ def only_address_failures(student):
                "A DSN comes from the null sender (RFC 5321 4.5.5, RFC 3464 2). Anyone can mail a "
                "look-alike bounce from a normal address to get an address blocked: check envelope.mail_from.")
 def forged_bounce(student):
+    real = World()
+    _deliver(student, real, dsn(("victim@recipient.test", 550, "5.1.1")))
+    expect_reject(_rcpt(student, real.data_dir, "victim@recipient.test"), "RCPT victim@recipient.test after a real bounce")
     world = World()
     _deliver(student, world, dsn(("victim@recipient.test", 550, "5.1.1")), mail_from="prankster@example.net")
     expect_continue(_rcpt(student, world.data_dir, "victim@recipient.test"),

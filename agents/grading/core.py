@@ -220,7 +220,10 @@ class World:
         self.resolver = resolver or FakeResolver()
         self.settings = dict(settings or {})
         self.state: dict = {}
-        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="mailpipe-grading-"))
+        if data_dir is None:  # removed when this World is garbage
+            self._tmp = tempfile.TemporaryDirectory(prefix="mailpipe-grading-")
+            data_dir = Path(self._tmp.name)
+        self.data_dir = data_dir
 
     def ctx(self, role: str = "mta", domain: str = "recipient.test") -> HookContext:
         return HookContext(f"{role}.{domain}", role, domain, clock=self.clock.seconds,

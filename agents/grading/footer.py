@@ -85,6 +85,7 @@ def no_final_newline(student):
                "Appending plain text to an encoded body corrupts it (the reader decodes your footer "
                "as base64). Only 7bit/8bit (or no Content-Transfer-Encoding) take a footer as is.")
 def encoded_left_alone(student):
+    _with_footer(student, PLAIN, "a text/plain 7bit message")
     b64 = PLAIN.replace("7bit", "base64").replace("Hello Bob,\nsee you tomorrow.\n", "SGVsbG8gQm9iLA0K\n")
     _unchanged(student, b64, "a base64 text/plain message")
     qp = PLAIN.replace("7bit", "quoted-printable")
@@ -97,6 +98,7 @@ def encoded_left_alone(student):
 def other_types_left_alone(student):
     multipart = ("From: <alice@sender.test>\nSubject: x\nMIME-Version: 1.0\n"
                  "Content-Type: multipart/mixed; boundary=\"b1\"\n\n--b1\nContent-Type: text/plain\n\nhi\n--b1--\n")
+    _with_footer(student, PLAIN, "a text/plain 7bit message")
     _unchanged(student, multipart, "a multipart/mixed message")
     _unchanged(student, PLAIN.replace("text/plain", "text/html"), "a text/html message")
 
@@ -104,7 +106,7 @@ def other_types_left_alone(student):
 @EXERCISE.unit("a message that already ends with the footer does not get a second one",
                "A message can pass the MSA twice (a resend); check message.body.endswith(...) first.")
 def not_twice(student):
-    _verdict, _before, once = _run(student, PLAIN)
+    once = _with_footer(student, PLAIN, "a text/plain 7bit message")
     _verdict, again_before, again = _run(student, once.decode())
     if again != again_before:
         raise Failed("the footer was added a second time")

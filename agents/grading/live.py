@@ -180,6 +180,7 @@ class LiveLab:
         """A plain SMTP session with ``domain``'s MX, as another provider's MTA would have."""
         host, port = self.lab.endpoint(domain, "smtp")
         with smtplib.SMTP(host, port, local_hostname=helo, timeout=15) as client:
+            client.ehlo()
             yield _SMTP(client)
 
     def submit(self, user: str, rcpts: list[str], content: bytes) -> Transaction:

@@ -66,6 +66,7 @@ def default_and_settings(student):
                "headers in its body. message.get_all() looks at header fields only.")
 def body_does_not_count(student):
     quoted = "---------- Forwarded message ----------\n" + _received(30)
+    expect_reject(_data(student, _msg(30)), "30 Received fields in the header, max_hops 10")
     expect_continue(_data(student, _msg(2, body=quoted)), "2 Received fields, 30 quoted in the body")
 
 
@@ -89,6 +90,8 @@ def delivered_to_loop(student):
                "Only a Delivered-To that names one of this message's recipients (envelope.rcpt_tos) "
                "is a loop.")
 def delivered_to_other(student):
+    expect_reject(_data(student, _msg(2, extra="Delivered-To: bob@recipient.test\n")),
+                  "Delivered-To: bob@recipient.test for RCPT bob@recipient.test")
     expect_continue(_data(student, _msg(2, extra="Delivered-To: carol@example.net\n")),
                     "Delivered-To: carol@example.net for RCPT bob@recipient.test")
 

@@ -79,6 +79,7 @@ def sliding_window(student):
 def refused_do_not_count(student):
     world = _world()
     verdicts = _at(student, world, [0, 1, 2] + [10 + i for i in range(20)] + [60.5])
+    expect_tempfail(verdicts[3], "MAIL at t=10 s (the 4th, limit 3 per 60 s)")
     expect_continue(verdicts[-1], "MAIL at t=60.5 s after 20 refused retries (3 per 60 s, the first at t=0)")
 
 
@@ -87,7 +88,7 @@ def refused_do_not_count(student):
                "envelope sender.")
 def per_sender(student):
     world = _world()
-    _at(student, world, [0, 1, 2])
+    expect_tempfail(_at(student, world, [0, 1, 2, 3])[-1], "alice's 4th message (limit 3)")
     expect_continue(_mail(student, world, address="carol@sender.test", user="carol@sender.test"),
                     "carol's first message while alice is at her limit")
 
@@ -106,6 +107,7 @@ def key_is_user_lowercase(student):
                "MAIL FROM:<> is a delivery status notification (RFC 5321 4.5.5): it must get through.")
 def null_sender(student):
     world = _world(limit=1)
+    expect_tempfail(_at(student, world, [0, 1])[-1], "alice's 2nd message (limit 1)")
     for i in range(3):
         expect_continue(_mail(student, world, address="", user=None), f"bounce {i + 1} (limit 1)")
 
@@ -113,7 +115,7 @@ def null_sender(student):
 @EXERCISE.unit("state lives in ctx.state, not in module globals",
                "A fresh agent (a new ctx.state) starts with no messages counted.")
 def state_in_ctx(student):
-    _at(student, _world(), [0, 1, 2, 3])
+    expect_tempfail(_at(student, _world(), [0, 1, 2, 3])[-1], "the 4th message (limit 3)")
     expect_continue(_mail(student, _world()), "first message in a fresh agent")
 
 
