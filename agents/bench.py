@@ -90,38 +90,45 @@ class Arrivals:
         self.visible: dict[str, int] = {}
         self.waiters: dict[str, defer.Deferred] = {}
         self.seen_count = 0
+        self.finished = False
         self.progress = None
 
     @defer.inlineCallbacks
     def start(self):
         info = yield self.client.select("INBOX")
         self.seen_count = info.get("EXISTS", 0)
+        self.client.exists = self.seen_count
 
     @defer.inlineCallbacks
     def poll_new(self):
-        """Fetch the Message-ID of every message that arrived since the last look."""
-        status = yield self.client.status("INBOX", "MESSAGES")
-        total = int(status.get("MESSAGES", 0))
-        if total > self.seen_count:
-            now = now_us()
-            data = yield self.client.fetchSpecific(
-                f"{self.seen_count + 1}:{total}", headerType="HEADER.FIELDS",
-                headerArgs=["MESSAGE-ID"], peek=True,
-            )
-            for items in data.values():
-                raw = items[-1][-1] if items else b""
-                text = raw if isinstance(raw, str) else raw.decode("latin-1")
-                for line in text.splitlines():
-                    if line.lower().startswith("message-id:"):
-                        mid = line.split(":", 1)[1].strip()
-                        if mid in self.wanted and mid not in self.visible:
-                            self.visible[mid] = now
-                            if self.progress is not None:
-                                self.progress.update(1)
-                            waiter = self.waiters.pop(mid, None)
-                            if waiter is not None:
-                                waiter.callback(now)
-            self.seen_count = total
+        """Fetch the Message-ID of every message the server announced since the last look.
+
+        The count comes from the server's own ``* n EXISTS`` lines (during
+        IDLE, RFC 2177), so the sequence numbers we ask for are those of our
+        session's view of the mailbox (RFC 3501 7.3.1).
+        """
+        total = self.client.exists or 0
+        if total <= self.seen_count:
+            return
+        now = now_us()
+        data = yield self.client.fetchSpecific(
+            f"{self.seen_count + 1}:{total}", headerType="HEADER.FIELDS",
+            headerArgs=["MESSAGE-ID"], peek=True,
+        )
+        for items in data.values():
+            raw = items[-1][-1] if items else b""
+            text = raw if isinstance(raw, str) else raw.decode("latin-1")
+            for line in text.splitlines():
+                if line.lower().startswith("message-id:"):
+                    mid = line.split(":", 1)[1].strip()
+                    if mid in self.wanted and mid not in self.visible:
+                        self.visible[mid] = now
+                        if self.progress is not None:
+                            self.progress.update(1)
+                        waiter = self.waiters.pop(mid, None)
+                        if waiter is not None:
+                            waiter.callback(now)
+        self.seen_count = total
 
     def arrival(self, message_id: str) -> defer.Deferred:
         """Fires when ``message_id`` is visible to Bob."""
@@ -131,12 +138,17 @@ class Arrivals:
 
     @defer.inlineCallbacks
     def wait_all(self, deadline: float):
-        while len(self.visible) < len(self.wanted) and time.monotonic() < deadline:
-            yield self.client.select("INBOX")  # re-select: a fresh view of the mailbox
+        while len(self.visible) < len(self.wanted) and time.monotonic() < deadline and not self.finished:
             yield self.poll_new()
-            if len(self.visible) >= len(self.wanted):
+            if len(self.visible) >= len(self.wanted) or self.finished:
                 break
             yield self.client.idle_until_news(min(1.0, max(0.05, deadline - time.monotonic())))
+
+    def finish(self) -> None:
+        """Stop waiting: every submitter is done (failed submissions never arrive)."""
+        self.finished = True
+        if self.client._idle is not None:
+            self.client._end_idle()
 
 
 @defer.inlineCallbacks
@@ -189,7 +201,10 @@ def run_bench(reactor, home: LabHome, config: LabConfig, messages: int, concurre
     deadline = t0 + timeout
     submitters = defer.gatherResults([submitter() for _ in range(concurrency)], consumeErrors=True)
     waiting = arrivals.wait_all(deadline)
-    yield submitters
+    try:
+        yield submitters
+    finally:
+        arrivals.finish()
     yield waiting
     if arrivals.progress is not None:
         arrivals.progress.close()

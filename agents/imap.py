@@ -24,6 +24,7 @@ import datetime
 import email.utils
 import io
 import os
+import time
 import re
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -268,6 +269,7 @@ class MaildirMailbox:
         self._uid_validity = 0
         self._uid_next = 1
         self._listeners: list = []
+        self._last_rescan = time.monotonic()
 
     # -- the view -------------------------------------------------------------
 
@@ -307,9 +309,21 @@ class MaildirMailbox:
                 self._files[uid] = current[uid]
         return expunged
 
-    def poll(self) -> tuple[list[int], bool]:
+    #: Seconds between full rescans of the folder at NOOP, CHECK and IDLE.
+    #: New mail does not wait for them (the store tells each session at
+    #: once); they catch what other sessions or programs changed: expunges,
+    #: flags, files put in by hand. Dovecot does the same at an interval
+    #: (``mailbox_idle_check_interval``), since a rescan costs time in
+    #: proportion to the size of the folder.
+    RESCAN_INTERVAL = 1.0
+
+    def poll(self, force: bool = False) -> tuple[list[int], bool]:
         """Catch up at a command boundary: (expunged numbers, whether mail arrived)."""
         before = len(self._view())
+        now = time.monotonic()
+        if not force and now - self._last_rescan < self.RESCAN_INTERVAL:
+            return [], False
+        self._last_rescan = now
         expunged = self._sync(expunge=True)
         return expunged, len(self._uids) > before - len(expunged)
 
@@ -346,6 +360,7 @@ class MaildirMailbox:
             path = claimed
         self._uids.append(uid)
         self._files[uid] = MessageFile(uid, key, path)
+        self.maildir._where[key] = path  # so FETCH finds it without listing the folder
         self._recent.add(uid)
         self._uid_next = uid + 1
         return True
@@ -920,10 +935,11 @@ class IMAPServer(imap4.IMAP4Server):
 
     # -- mailbox changes at command boundaries (RFC 3501 7.4.1) ------------------
 
-    def _report_changes(self) -> None:
+    def _report_changes(self, force: bool = True) -> None:
+        """Report what changed; IDLE passes ``force=False`` (see RESCAN_INTERVAL)."""
         if self.mbox is None:
             return
-        expunged, arrived = self.mbox.poll()
+        expunged, arrived = self.mbox.poll(force)
         for seq in expunged:
             self.sendUntaggedResponse(b"%d EXPUNGE" % seq)
         if arrived:
@@ -943,8 +959,12 @@ class IMAPServer(imap4.IMAP4Server):
     select_CHECK = (do_CHECK,)
 
     def do_IDLE(self, tag):
-        """IDLE (RFC 2177): report what is pending, then push EXISTS as mail comes."""
-        self._report_changes()
+        """IDLE (RFC 2177): report what is pending, then push EXISTS as mail comes.
+
+        Clients re-enter IDLE after every notification, so this does not
+        rescan the folder each time (new mail is pushed anyway).
+        """
+        self._report_changes(force=False)
         # Twisted answers a bare "+", but RFC 3501 9 requires "+" SP text
         # (continue-req); RFC 2177's own example says "+ idling".
         self.sendContinuationRequest(b"idling")

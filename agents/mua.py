@@ -262,6 +262,8 @@ class _IMAPClient(imap4.IMAP4Client):
         super().__init__()
         self.greeted = defer.Deferred()
         self._idle = None
+        #: Messages in the selected mailbox, as the server last said (EXISTS).
+        self.exists = None
         self.tracer = tracer
         self.conn = tracer.new_connection_id()
 
@@ -284,7 +286,9 @@ class _IMAPClient(imap4.IMAP4Client):
         self._idle = {"done": done, "news": False}
         self.sendLine(self._idle_tag + b" IDLE")
         timer = self.factory.reactor.callLater(timeout, self._end_idle)
-        done.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        # A server that never answers DONE has lost the plot: give up on it.
+        watchdog = self.factory.reactor.callLater(timeout + 15, self.transport.abortConnection)
+        done.addBoth(lambda r: ([t.cancel() for t in (timer, watchdog) if t.active()], r)[1])
         return done
 
     def _end_idle(self):
@@ -292,8 +296,20 @@ class _IMAPClient(imap4.IMAP4Client):
             self._idle["ending"] = True
             self.sendLine(b"DONE")
 
+    def connectionLost(self, reason):
+        if self._idle is not None:
+            state, self._idle = self._idle, None
+            state["done"].errback(reason)
+        super().connectionLost(reason)
+
+    def newMessages(self, exists, recent):
+        """Untagged EXISTS outside IDLE (after NOOP, SELECT...): remember the count."""
+        if exists is not None:
+            self.exists = exists
+
     def _idle_line(self, line: bytes):
         if line.startswith(b"* ") and line.upper().endswith(b" EXISTS"):
+            self.exists = int(line.split()[1])
             self._idle["news"] = True
             self._end_idle()
         elif line.startswith(self._idle_tag + b" "):
