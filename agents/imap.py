@@ -31,7 +31,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from twisted.cred import portal as cred_portal
-from twisted.internet import defer, interfaces, protocol
+from twisted.internet import defer, interfaces
 from twisted.mail import imap4
 from twisted.python import log
 from zope.interface import implementer
@@ -49,6 +49,7 @@ from agents.maildir import (
 )
 from agents.security import ThrottledPortal, tls_failure
 from agents.security import event as security_event
+from agents.retrieval import RetrievalServerFactory, make_factory
 from agents.trace import NULL_TRACER, Tracer
 
 #: IMAP system flags (RFC 3501 2.3.2) and their Maildir letters.
@@ -1084,20 +1085,10 @@ class IMAPServer(imap4.IMAP4Server):
         super()._cbCopySelectedMailbox(mbox, tag, messages, mailbox, uid)
 
 
-class IMAPServerFactory(protocol.ServerFactory):
+class IMAPServerFactory(RetrievalServerFactory):
     """Builds one :class:`IMAPServer` per connection, sharing store and portal."""
 
-    def __init__(self, store: MailStore, portal, tls_context, tracer: Tracer, throttle=None,
-                 on_fetched=None):  # fmt: skip
-        self.store, self.portal, self.tls_context, self.tracer = store, portal, tls_context, tracer
-        self.throttle, self.on_fetched = throttle, on_fetched
-
-    def buildProtocol(self, addr):
-        server = IMAPServer(self.store, self.tls_context, self.tracer, self.throttle)
-        server.on_fetched = self.on_fetched
-        server.portal = self.portal
-        server.factory = self
-        return server
+    server_class = IMAPServer
 
 
 def make_imap_factory(store, checker, tls_context, implicit_tls=False, tracer=NULL_TRACER,
@@ -1115,9 +1106,8 @@ def make_imap_factory(store, checker, tls_context, implicit_tls=False, tracer=NU
     agent's other listeners, that slows down and then stops password guessing.
     ``on_fetched(user, uid, message_id)``: see :attr:`IMAPServer.on_fetched`.
     """
-    portal = cred_portal.Portal(IMAPRealm(store), [checker])
-    return IMAPServerFactory(store, portal, None if implicit_tls else tls_context, tracer, throttle,
-                             on_fetched)
+    return make_factory(IMAPServerFactory, IMAPRealm, store, checker, tls_context, implicit_tls, tracer,
+                        throttle, on_fetched)
 
 
 __all__ = [

@@ -21,7 +21,6 @@ rules (syntax, sequence, TLS, AUTH mechanics) live in :mod:`agents.smtpserver`.
 
 from __future__ import annotations
 
-from twisted.internet import defer
 
 from .control import AgentControl
 from .dsn import bounce_maker

@@ -23,7 +23,7 @@ import re
 
 from twisted.cred import error as cred_error
 from twisted.cred import portal as cred_portal
-from twisted.internet import interfaces, protocol
+from twisted.internet import interfaces
 from twisted.mail import pop3
 from twisted.python import log
 from zope.interface import implementer
@@ -33,6 +33,7 @@ from agents.imap import TracingPortal
 from agents.maildir import MailStore
 from agents.security import LoginBlocked, ThrottledPortal, tls_failure
 from agents.security import event as security_event
+from agents.retrieval import RetrievalServerFactory, make_factory
 from agents.trace import NULL_TRACER, Tracer
 
 # --------------------------------------------------------------------------
@@ -437,20 +438,10 @@ class POP3Server(pop3.POP3):
         self.transport.loseConnection()
 
 
-class POP3ServerFactory(protocol.ServerFactory):
-    """Builds one :class:`POP3Server` per connection."""
+class POP3ServerFactory(RetrievalServerFactory):
+    """Builds one :class:`POP3Server` per connection, sharing store and portal."""
 
-    def __init__(self, store: MailStore, portal, tls_context, tracer: Tracer, throttle=None,
-                 on_fetched=None):  # fmt: skip
-        self.store, self.portal, self.tls_context, self.tracer = store, portal, tls_context, tracer
-        self.throttle, self.on_fetched = throttle, on_fetched
-
-    def buildProtocol(self, addr):
-        server = POP3Server(self.store, self.tls_context, self.tracer, self.throttle)
-        server.on_fetched = self.on_fetched
-        server.portal = self.portal
-        server.factory = self
-        return server
+    server_class = POP3Server
 
 
 def make_pop3_factory(store, checker, tls_context, implicit_tls=False, tracer=NULL_TRACER,
@@ -463,9 +454,8 @@ def make_pop3_factory(store, checker, tls_context, implicit_tls=False, tracer=NU
     ``reactor.listenSSL(port, factory, tls_context)``. ``throttle``: see
     :func:`agents.imap.make_imap_factory`.
     """
-    portal = cred_portal.Portal(POP3Realm(store), [checker])
-    return POP3ServerFactory(store, portal, None if implicit_tls else tls_context, tracer, throttle,
-                             on_fetched)
+    return make_factory(POP3ServerFactory, POP3Realm, store, checker, tls_context, implicit_tls, tracer,
+                        throttle, on_fetched)
 
 
 __all__ = [

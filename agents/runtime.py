@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from twisted.internet import error as net_error
 from twisted.logger import globalLogBeginner, textFileLogObserver

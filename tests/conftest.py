@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from support import assert_no_agents_left, make_lab
+from support import make_lab, running
 
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory):
     """One running lab shared by the end-to-end and interop tests."""
-    lab = make_lab(tmp_path_factory)
-    lab.up()
-    try:
+    with running(make_lab(tmp_path_factory)) as lab:
         yield lab
-    finally:
-        lab.down()
-        assert_no_agents_left(lab)

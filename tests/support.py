@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -48,6 +49,17 @@ def make_lab(tmp_path_factory, **overrides) -> Lab:
     home = tmp_path_factory.mktemp("lab")
     return Lab(home=home, config=config)
 
+
+
+@contextlib.contextmanager
+def running(lab: Lab):
+    """Start ``lab``, hand it to the test, and stop it, leaving no process behind."""
+    lab.up()
+    try:
+        yield lab
+    finally:
+        lab.down()
+        assert_no_agents_left(lab)
 
 
 def assert_no_agents_left(lab: Lab) -> None:

@@ -267,7 +267,7 @@ def test_session_that_died_while_idle_is_skipped(clock, factory, tracer):
 
 def test_a_waiter_opens_a_new_session_when_a_busy_one_dies(clock, factory, tracer):
     cache = make_cache(clock, factory, tracer, max_per_destination=1)
-    first, second = send(cache, "a@b.test"), send(cache, "b@b.test")
+    _first, second = send(cache, "a@b.test"), send(cache, "b@b.test")
     assert len(factory.sessions) == 1
     factory.sessions[0].usable = False
     factory.sessions[0].fail(SMTPDeliveryError(421, "4.4.2", "connection lost"))

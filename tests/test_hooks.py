@@ -12,7 +12,7 @@ from agents.hooks import (
     load_file, reject, tempfail,
 )
 from agents.smtpserver import Reply, ServerPolicy, SMTPHandler, SMTPServerFactory
-from agents.trace import Tracer
+
 
 PEER = IPv4Address("TCP", "192.0.2.9", 4000)
 

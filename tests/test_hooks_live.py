@@ -13,7 +13,7 @@ import pytest
 from agents.cli import main as mailpipe
 from agents.config import LabConfig
 from agents.lab import LabError
-from support import assert_no_agents_left, make_lab
+from support import make_lab, running
 
 HOOKS = textwrap.dedent('''
     """Logs every event; adds a header at each DATA; fails on purpose now and then."""
@@ -73,13 +73,8 @@ def hooked_lab(tmp_path_factory):
     hook_file = tmp_path_factory.mktemp("hooks") / "every.py"
     hook_file.write_text(HOOKS)
     sections = {**LabConfig.load(None).sections, "hooks": {"all": [str(hook_file)]}}
-    lab = make_lab(tmp_path_factory, sections=sections)
-    lab.up()
-    try:
+    with running(make_lab(tmp_path_factory, sections=sections)) as lab:
         yield lab
-    finally:
-        lab.down()
-        assert_no_agents_left(lab)
 
 
 def logged(lab, **match):

@@ -8,7 +8,6 @@ import shutil
 import smtplib
 import ssl
 import subprocess
-import time
 import uuid
 from email.message import EmailMessage
 

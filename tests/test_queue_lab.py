@@ -20,7 +20,7 @@ import pytest
 from agents.audit import mailbox_ids, maildir_files
 from agents.config import Domain
 from agents.lab import Lab, LabError
-from support import assert_no_agents_left, make_lab
+from support import make_lab, running
 
 BOB, ALICE = "bob@recipient.test", "alice@sender.test"
 RECIPIENT_MTAS = ("mta.recipient.test", "mta2.recipient.test")
@@ -33,13 +33,8 @@ def qlab(tmp_path_factory):
     nomail = Domain("nomail.test", f"127.{subnet}.4.1", False, {"null_mx": True})
     config = replace(base, retry_min=0.5, retry_max=2.0, domains=base.domains + (nomail,),
                      sections={**base.sections, "queue": {"delay_warning": 3.0}})
-    lab = Lab(home=tmp_path_factory.mktemp("qlab"), config=config)
-    lab.up()
-    try:
+    with running(Lab(home=tmp_path_factory.mktemp("qlab"), config=config)) as lab:
         yield lab
-    finally:
-        lab.down()
-        assert_no_agents_left(lab)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import pytest
 
 from agents.config import LabConfig
 from agents.monitor import security_events
-from support import assert_no_agents_left, make_lab
+from support import make_lab, running
 from wire import Wire, smtp_session
 
 SECLAB_SECURITY = {
@@ -48,13 +48,8 @@ SECLAB_MAX_SIZE = 20_000
 @pytest.fixture(scope="module")
 def seclab(tmp_path_factory):
     sections = {**LabConfig.load(None).sections, "security": SECLAB_SECURITY}
-    lab = make_lab(tmp_path_factory, sections=sections, max_message_size=SECLAB_MAX_SIZE)
-    lab.up()
-    try:
+    with running(make_lab(tmp_path_factory, sections=sections, max_message_size=SECLAB_MAX_SIZE)) as lab:
         yield lab
-    finally:
-        lab.down()
-        assert_no_agents_left(lab)
 
 
 def ca(lab) -> str:

@@ -1,0 +1,44 @@
+"""What the MDA's two mailbox-access servers share: IMAP and POP3 factories.
+
+Both protocols serve the same Maildirs to the same users: each connection
+gets a server protocol with the mail store, a cred portal (the realm hands
+out the user's mailbox, the checker checks the password), the STARTTLS/STLS
+context, the tracer, the login throttle shared with the agent's other
+listeners, and a ``fetched`` callback for coursework hooks.
+"""
+
+from __future__ import annotations
+
+from twisted.cred import portal as cred_portal
+from twisted.internet import protocol
+
+from .trace import NULL_TRACER
+
+
+class RetrievalServerFactory(protocol.ServerFactory):
+    """Builds one ``server_class`` protocol per connection."""
+
+    server_class: type
+
+    def __init__(self, store, portal, tls_context, tracer, throttle=None, on_fetched=None):
+        self.store, self.portal, self.tls_context, self.tracer = store, portal, tls_context, tracer
+        self.throttle, self.on_fetched = throttle, on_fetched
+
+    def buildProtocol(self, addr):
+        server = self.server_class(self.store, self.tls_context, self.tracer, self.throttle)
+        server.on_fetched = self.on_fetched
+        server.portal = self.portal
+        server.factory = self
+        return server
+
+
+def make_factory(factory_class, realm_class, store, checker, tls_context, implicit_tls=False,
+                 tracer=NULL_TRACER, throttle=None, on_fetched=None):  # fmt: skip
+    """A factory of ``factory_class`` whose portal uses ``realm_class(store)``.
+
+    With ``implicit_tls`` (ports 993 and 995, RFC 8314) the caller listens
+    with ``reactor.listenSSL``: the server already runs over TLS, so it gets
+    no context for STARTTLS/STLS and offers login at once.
+    """
+    portal = cred_portal.Portal(realm_class(store), [checker])
+    return factory_class(store, portal, None if implicit_tls else tls_context, tracer, throttle, on_fetched)
