@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from .control import AgentControl
 from .headers import get_header, received_field
@@ -27,6 +27,8 @@ from .pop3 import make_pop3_factory
 from .quarantine import folder_for
 from .security import login_throttle
 from .smtpserver import Reply, ServerPolicy, SMTPHandler
+from .quota import Quotas
+from .quota import usage as quota_usage
 from .spool import new_queue_id
 from .users import UserDB, UserDBChecker
 
@@ -37,6 +39,7 @@ class LocalDeliveryPolicy(SMTPHandler):
     def __init__(self, ctx, store: MailStore):
         self.ctx, self.store = ctx, store
         self.domain = ctx.domain
+        self.quotas = Quotas(ctx.config)
 
     def handle_CONNECT(self, session):
         # Only this domain's MTA delivers here; LMTP is not for the internet.
@@ -66,7 +69,13 @@ class LocalDeliveryPolicy(SMTPHandler):
                                 protocol="LMTP", queue_id=queue_id, recipient=rcpt)
         # The MTA marks a message that DMARC quarantined (see agents.quarantine).
         folder, content = folder_for(envelope.content)
-        d = self.store.deliver(rcpt, trace + content, folder=folder)
+        message = trace + content
+        limit = self.quotas.limit(rcpt)
+        if limit:
+            d = threads.deferToThread(quota_usage, self.store.user_path(rcpt))
+            d.addCallback(lambda used: self._store_within(rcpt, message, folder, used, limit))
+        else:
+            d = self.store.deliver(rcpt, message, folder=folder)
 
         def stored(name):
             self.ctx.tracer.event("stored", queue_id=queue_id, rcpt=rcpt, maildir_file=name,
@@ -78,11 +87,23 @@ class LocalDeliveryPolicy(SMTPHandler):
         def failed(f):
             err = f.value
             self.ctx.tracer.event("store.failed", queue_id=queue_id, rcpt=rcpt, error=str(err))
+            if isinstance(err, OverQuota):
+                return Reply(452, "4.2.2", f"<{rcpt}>: mailbox full ({err})")
             if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
                 return Reply(452, "4.2.2", f"<{rcpt}>: mailbox full or disk full")
             return Reply(451, "4.3.0", f"<{rcpt}>: cannot store the message now")
 
         return d.addCallbacks(stored, failed)
+
+
+    def _store_within(self, rcpt: str, message: bytes, folder: str, used: int, limit: int):
+        if used + len(message) > limit:
+            raise OverQuota(f"quota {limit} bytes, {used} used, message {len(message)}")
+        return self.store.deliver(rcpt, message, folder=folder)
+
+
+class OverQuota(Exception):
+    """Storing this message would take the user over quota (RFC 3463 X.2.2)."""
 
 
 def build(ctx) -> None:

@@ -141,3 +141,23 @@ def test_cli_demo_runs_end_to_end(tmp_path):
     for hop in ("mua -> msa.sender.test", "mta.sender.test -> mta.recipient.test", "mta.recipient.test -> mda.recipient.test"):
         assert hop in out.stdout
     assert "end to end" in out.stdout
+
+
+def test_one_line_errors_for_a_missing_lab_and_a_dead_agent(tmp_path_factory, tmp_path):
+    from support import running
+
+    out = subprocess.run([sys.executable, "-m", "agents.cli", "--home", str(tmp_path / "nolab"), "send",
+                          "--from", "alice@sender.test", "--to", "bob@recipient.test"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith("mailpipe: no lab CA at")
+    assert "mailpipe up" in out.stderr
+    with running(make_lab(tmp_path_factory)) as lab:
+        lab.stop_agent("msa.sender.test")
+        out = subprocess.run([sys.executable, "-m", "agents.cli", "--home", str(lab.home.root), "send",
+                              "--from", "alice@sender.test", "--to", "bob@recipient.test"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        last = out.stderr.strip().splitlines()[-1]
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert "is that agent running?" in last and "mailpipe status" in last
