@@ -50,6 +50,7 @@ from agents.maildir import (
 from agents.security import ThrottledPortal, tls_failure
 from agents.security import event as security_event
 from agents.retrieval import RetrievalServerFactory, make_factory
+from agents.net import no_delay
 from agents.trace import NULL_TRACER, Tracer
 
 #: IMAP system flags (RFC 3501 2.3.2) and their Maildir letters.
@@ -846,6 +847,7 @@ class IMAPServer(imap4.IMAP4Server):
     # -- connection, TLS and trace ---------------------------------------------
 
     def connectionMade(self):
+        no_delay(self.transport)  # see agents.net: no 40 ms stalls between responses
         self.peer = getattr(self.transport.getPeer(), "host", None)
         if self.throttle is not None and self._portal is not None:
             self._portal = ThrottledPortal(self._portal, self.throttle, self.peer, protocol="imap",

@@ -28,6 +28,7 @@ from twisted.mail import imap4
 
 from .config import LabConfig
 from .home import LabHome
+from .net import no_delay
 from .resolver import LabResolver
 from .smtpclient import send as smtp_send
 from .tls import client_context
@@ -278,6 +279,11 @@ class _IMAPClient(imap4.IMAP4Client):
         self.tracer.line(self.conn, "S", line)
         if self._idle is not None:
             return self._idle_line(line)
+        if line.startswith(b"* ") and line.upper().endswith(b" EXISTS"):
+            # Twisted hands an EXISTS that arrives during another command
+            # (say a FETCH) to that command's parser, which drops it; the
+            # count would be lost. Note it here (RFC 3501 7.3.1).
+            self.exists = int(line.split()[1])
         return super().lineReceived(line)
 
     def idle_until_news(self, timeout: float):
@@ -295,6 +301,10 @@ class _IMAPClient(imap4.IMAP4Client):
         if self._idle is not None and not self._idle.get("ending"):
             self._idle["ending"] = True
             self.sendLine(b"DONE")
+
+    def connectionMade(self):
+        no_delay(self.transport)  # see agents.net
+        super().connectionMade()
 
     def connectionLost(self, reason):
         if self._idle is not None:

@@ -34,6 +34,7 @@ from agents.maildir import MailStore
 from agents.security import LoginBlocked, ThrottledPortal, tls_failure
 from agents.security import event as security_event
 from agents.retrieval import RetrievalServerFactory, make_factory
+from agents.net import no_delay
 from agents.trace import NULL_TRACER, Tracer
 
 # --------------------------------------------------------------------------
@@ -206,6 +207,7 @@ class POP3Server(pop3.POP3):
     # -- connection, TLS and trace -----------------------------------------------
 
     def connectionMade(self):
+        no_delay(self.transport)  # see agents.net
         # No APOP timestamp in the greeting (RFC 1939 7): APOP is not offered.
         self.peer = getattr(self.transport.getPeer(), "host", None)
         if self.throttle is not None and self._portal is not None:

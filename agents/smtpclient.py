@@ -64,6 +64,7 @@ from zope.interface import implementer
 
 from agents.tls import client_context
 from agents.trace import NULL_TRACER, Tracer, now_us
+from agents.net import no_delay
 
 TLS_MODES = ("starttls", "implicit", "opportunistic", "none")
 
@@ -514,6 +515,7 @@ class SessionProtocol(smtp.ESMTPClient):
     # Connection, greeting, EHLO/LHLO.
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)  # see agents.net
         peer, local = self.transport.getPeer(), self.transport.getHost()
         self.peer = getattr(peer, "host", None)
         self.timings["connected"] = now_us()

@@ -51,6 +51,7 @@ from zope.interface import implementer
 
 from agents.security import LoginBlocked, ThrottledPortal, routing_trick, tls_failure
 from agents.security import event as security_event
+from agents.net import no_delay
 from agents.trace import NULL_TRACER, Tracer
 
 _log = Logger()
@@ -408,6 +409,7 @@ class SMTPServer(smtp.ESMTP):
     # -- connection life ---------------------------------------------------
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)  # see agents.net: no 40 ms stalls between replies
         peer = self.transport.getPeer()
         tls = self.policy.implicit_tls or ISSLTransport.providedBy(self.transport)
         self.canStartTLS = (
