@@ -30,7 +30,6 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-from twisted.cred import portal as cred_portal
 from twisted.internet import defer, interfaces
 from twisted.mail import imap4
 from twisted.python import log
@@ -49,7 +48,7 @@ from agents.maildir import (
 )
 from agents.security import ThrottledPortal, tls_failure
 from agents.security import event as security_event
-from agents.retrieval import RetrievalServerFactory, make_factory
+from agents.retrieval import MailboxRealm, RetrievalServerFactory, make_factory
 from agents.net import no_delay
 from agents.trace import NULL_TRACER, Tracer
 
@@ -756,19 +755,11 @@ class MaildirAccount:
         return None
 
 
-@implementer(cred_portal.IRealm)
-class IMAPRealm:
+class IMAPRealm(MailboxRealm):
     """Cred realm: the avatar id (the user's address) becomes their account."""
 
-    def __init__(self, store: MailStore):
-        self.store = store
-
-    def requestAvatar(self, avatarId, mind, *interfaces_):
-        if imap4.IAccount not in interfaces_:
-            raise NotImplementedError("only IMAP accounts here")
-        if isinstance(avatarId, bytes):
-            avatarId = avatarId.decode("utf-8")
-        return imap4.IAccount, MaildirAccount(self.store, avatarId), lambda: None
+    interface = imap4.IAccount
+    avatar_class = MaildirAccount
 
 
 # --------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import io
 import re
 
 from twisted.cred import error as cred_error
-from twisted.cred import portal as cred_portal
 from twisted.internet import interfaces
 from twisted.mail import pop3
 from twisted.python import log
@@ -33,7 +32,7 @@ from agents.imap import TracingPortal
 from agents.maildir import MailStore
 from agents.security import LoginBlocked, ThrottledPortal, tls_failure
 from agents.security import event as security_event
-from agents.retrieval import RetrievalServerFactory, make_factory
+from agents.retrieval import MailboxRealm, RetrievalServerFactory, make_factory
 from agents.net import no_delay
 from agents.trace import NULL_TRACER, Tracer
 
@@ -162,19 +161,11 @@ class POP3Maildrop:
         return removed
 
 
-@implementer(cred_portal.IRealm)
-class POP3Realm:
+class POP3Realm(MailboxRealm):
     """Cred realm: the avatar id (the user's address) becomes their maildrop."""
 
-    def __init__(self, store: MailStore):
-        self.store = store
-
-    def requestAvatar(self, avatarId, mind, *interfaces_):
-        if pop3.IMailbox not in interfaces_:
-            raise NotImplementedError("only POP3 maildrops here")
-        if isinstance(avatarId, bytes):
-            avatarId = avatarId.decode("utf-8")
-        return pop3.IMailbox, POP3Maildrop(self.store, avatarId), lambda: None
+    interface = pop3.IMailbox
+    avatar_class = POP3Maildrop
 
 
 # --------------------------------------------------------------------------

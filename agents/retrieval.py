@@ -11,8 +11,32 @@ from __future__ import annotations
 
 from twisted.cred import portal as cred_portal
 from twisted.internet import protocol
+from zope.interface import implementer
 
 from .trace import NULL_TRACER
+
+
+@implementer(cred_portal.IRealm)
+class MailboxRealm:
+    """Cred realm: the avatar id (the user's address) gets that user's mailbox.
+
+    Subclasses name the interface they serve and the avatar they build; the
+    portal has already checked the password, so this only looks up *what*
+    the user may see: their own Maildir, never another's.
+    """
+
+    interface: type
+    avatar_class: type
+
+    def __init__(self, store):
+        self.store = store
+
+    def requestAvatar(self, avatarId, mind, *interfaces_):
+        if self.interface not in interfaces_:
+            raise NotImplementedError(f"only {self.interface.__name__} avatars here")
+        if isinstance(avatarId, bytes):
+            avatarId = avatarId.decode("utf-8")
+        return self.interface, self.avatar_class(self.store, avatarId), lambda: None
 
 
 class RetrievalServerFactory(protocol.ServerFactory):
