@@ -48,7 +48,7 @@ from agents.maildir import (
 )
 from agents.security import ThrottledPortal, tls_failure
 from agents.security import event as security_event
-from agents.retrieval import MailboxRealm, RetrievalServerFactory, make_factory
+from agents.retrieval import MailboxRealm, RetrievalServerFactory, TracedLoginMixin, make_factory
 from agents.net import no_delay
 from agents.trace import NULL_TRACER, Tracer
 
@@ -766,27 +766,6 @@ class IMAPRealm(MailboxRealm):
 # The protocol
 
 
-class TracingPortal:
-    """Wraps a Portal to record every login attempt, whatever the command."""
-
-    def __init__(self, portal, on_result):
-        self._portal, self._on_result = portal, on_result
-
-    def login(self, credentials, mind, *interfaces_):
-        user = getattr(credentials, "username", b"")
-        if isinstance(user, bytes):
-            user = user.decode("utf-8", "replace")
-        d = self._portal.login(credentials, mind, *interfaces_)
-
-        def ok(result):
-            self._on_result(user, True)
-            return result
-
-        def failed(failure):
-            self._on_result(user, False)
-            return failure
-
-        return d.addCallbacks(ok, failed)
 
 
 _READS_FILE = {"body", "bodystructure", "envelope", "rfc822", "rfc822header", "rfc822text"}
@@ -811,7 +790,7 @@ def _sets_seen(part) -> bool:
 
 
 @implementer(interfaces.IHandshakeListener)
-class IMAPServer(imap4.IMAP4Server):
+class IMAPServer(TracedLoginMixin, imap4.IMAP4Server):
     """Twisted's IMAP4rev1 server with the lab's fixes and a line trace.
 
     With a TLS context and no TLS yet, Twisted advertises
@@ -898,20 +877,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     # -- login ---------------------------------------------------------------
 
-    @property
-    def portal(self):
-        return self._portal
-
-    @portal.setter
-    def portal(self, value):
-        self._portal = None if value is None else TracingPortal(value, self._logged_in)
-
-    _portal = None
-
-    def _logged_in(self, user: str, ok: bool) -> None:
-        if ok:
-            self.user = user.lower()
-        self.tracer.event("imap.login", conn=self.conn_id, peer=self.peer, user=user, ok=ok)
+    login_event = "imap.login"  # traced by TracedLoginMixin
 
     def _login_blocked(self) -> None:
         """Too many failed logins from this address: say BYE; the tagged NO follows, then we close."""

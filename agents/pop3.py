@@ -28,11 +28,10 @@ from twisted.python import log
 from zope.interface import implementer
 
 from agents.headers import get_header
-from agents.imap import TracingPortal
 from agents.maildir import MailStore
 from agents.security import LoginBlocked, ThrottledPortal, tls_failure
 from agents.security import event as security_event
-from agents.retrieval import MailboxRealm, RetrievalServerFactory, make_factory
+from agents.retrieval import MailboxRealm, RetrievalServerFactory, TracedLoginMixin, make_factory
 from agents.net import no_delay
 from agents.trace import NULL_TRACER, Tracer
 
@@ -173,7 +172,7 @@ class POP3Realm(MailboxRealm):
 
 
 @implementer(interfaces.IHandshakeListener)
-class POP3Server(pop3.POP3):
+class POP3Server(TracedLoginMixin, pop3.POP3):
     """Twisted's POP3 with STLS, correct byte-stuffing and a line trace.
 
     With a ``throttle`` (:class:`agents.security.LoginThrottle`) a wrong PASS
@@ -287,20 +286,7 @@ class POP3Server(pop3.POP3):
 
     # -- login -------------------------------------------------------------------
 
-    @property
-    def portal(self):
-        return self._portal
-
-    @portal.setter
-    def portal(self, value):
-        self._portal = None if value is None else TracingPortal(value, self._logged_in)
-
-    _portal = None
-
-    def _logged_in(self, user: str, ok: bool) -> None:
-        if ok:
-            self.user = user.lower()
-        self.tracer.event("pop3.login", conn=self.conn_id, peer=self.peer, user=user, ok=ok)
+    login_event = "pop3.login"  # traced by TracedLoginMixin
 
     _PLAINTEXT_REFUSED = b"[AUTH] Plaintext authentication disallowed without TLS; use STLS first"
 

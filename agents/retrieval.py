@@ -16,6 +16,53 @@ from zope.interface import implementer
 from .trace import NULL_TRACER
 
 
+class TracingPortal:
+    """Wraps a Portal to record every login attempt, whatever the command."""
+
+    def __init__(self, portal, on_result):
+        self._portal, self._on_result = portal, on_result
+
+    def login(self, credentials, mind, *interfaces_):
+        user = getattr(credentials, "username", b"")
+        if isinstance(user, bytes):
+            user = user.decode("utf-8", "replace")
+        d = self._portal.login(credentials, mind, *interfaces_)
+
+        def ok(result):
+            self._on_result(user, True)
+            return result
+
+        def failed(failure):
+            self._on_result(user, False)
+            return failure
+
+        return d.addCallbacks(ok, failed)
+
+
+class TracedLoginMixin:
+    """Login bookkeeping IMAP and POP3 share: every attempt is a trace event.
+
+    The protocol's ``portal`` is wrapped in a :class:`TracingPortal`, so a
+    login is recorded whichever command made it (LOGIN, AUTHENTICATE, USER/PASS).
+    """
+
+    login_event: str
+    _portal = None
+
+    @property
+    def portal(self):
+        return self._portal
+
+    @portal.setter
+    def portal(self, value):
+        self._portal = None if value is None else TracingPortal(value, self._logged_in)
+
+    def _logged_in(self, user: str, ok: bool) -> None:
+        if ok:
+            self.user = user.lower()
+        self.tracer.event(self.login_event, conn=self.conn_id, peer=self.peer, user=user, ok=ok)
+
+
 @implementer(cred_portal.IRealm)
 class MailboxRealm:
     """Cred realm: the avatar id (the user's address) gets that user's mailbox.
