@@ -34,6 +34,7 @@ import uuid
 
 from .config import ConfigError
 from .lab import Lab, LabError
+from .mua import add_send_arguments
 
 
 def _lab(args, config_needed: bool = False) -> Lab:
@@ -109,19 +110,9 @@ def _mua(args, argv: list[str]) -> int:
 
 
 def cmd_send(args) -> int:
-    argv = ["send", "--from", args.sender, "--subject", args.subject, "--body", args.body]
-    for rcpt in args.to:
-        argv += ["--to", rcpt]
-    for flag in ("password", "header_from", "source_address", "helo"):
-        if getattr(args, flag):
-            argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]
-    if args.direct_mx is not None:  # straight to an MX, no MSA (agents.directmx)
-        argv += ["--direct-mx"] + ([args.direct_mx] if args.direct_mx else [])
-    if args.implicit_tls:
-        argv.append("--implicit-tls")
-    if args.json:
-        argv.append("--json")
-    return _mua(args, argv)
+    # The MUA parses the very same options (agents.mua.add_send_arguments):
+    # hand it the words as typed.
+    return _mua(args, ["send", *args.words])
 
 
 def cmd_fetch(args) -> int:
@@ -237,17 +228,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("send", help="compose and submit a message")
-    p.add_argument("--from", dest="sender", required=True)
-    p.add_argument("--to", action="append", required=True)
-    p.add_argument("--subject", default="Hello from mailpipe")
-    p.add_argument("--body", default="Hello!\n")
-    p.add_argument("--password")
-    p.add_argument("--header-from", help="a From: header other than --from (the spoofing lesson)")
-    p.add_argument("--implicit-tls", action="store_true")
-    p.add_argument("--direct-mx", nargs="?", const="", metavar="DOMAIN",
-                   help="skip the MSA: deliver to the recipients' MX (or DOMAIN's) as an MTA does")
-    p.add_argument("--source-address", help="with --direct-mx: connect from this address (e.g. attacker.test's)")
-    p.add_argument("--helo", help="with --direct-mx: the name to give in EHLO")
+    add_send_arguments(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_send)
     for name, func in (("fetch", cmd_fetch), ("watch", cmd_watch)):
@@ -281,7 +262,10 @@ def main(argv=None) -> int:
     for module in COMMAND_MODULES:
         __import__(f"agents.{module}", fromlist=["register"]).register(sub)
 
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(words)
+    # The words after the subcommand, for commands that hand them on unchanged.
+    args.words = words[words.index(args.command) + 1:] if args.command in words else []
     try:
         return args.func(args)
     except (LabError, ConfigError) as e:

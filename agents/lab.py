@@ -57,7 +57,7 @@ def _alive(pid: int) -> bool:
         return os.path.exists(f"/proc/{pid}")
 
 
-def _tcp_port_free(address: str, port: int) -> bool:
+def tcp_port_free(address: str, port: int) -> bool:
     """Could a new agent listen here now? (Twisted listens with SO_REUSEADDR.)"""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -215,7 +215,7 @@ class Lab:
         spec = self.config.agent(name)
         ports = [p for svc, p in spec.ports.items() if svc != "dns"]
         while time.monotonic() < deadline:
-            if all(_tcp_port_free(spec.address, p) for p in ports):
+            if all(tcp_port_free(spec.address, p) for p in ports):
                 return
             time.sleep(0.02)
 

@@ -342,23 +342,27 @@ class _IMAPClientFactory(protocol.ClientFactory):
 
 # -- command line ------------------------------------------------------------
 
+def add_send_arguments(p) -> None:
+    """The options of ``send``, shared by ``python -m agents mua`` and ``mailpipe``."""
+    p.add_argument("--from", dest="sender", required=True)
+    p.add_argument("--to", action="append", required=True)
+    p.add_argument("--subject", default="Hello from mailpipe")
+    p.add_argument("--body", default="Hello!\n")
+    p.add_argument("--password")
+    p.add_argument("--header-from", help="a From: header other than the sender (for the spoofing lesson)")
+    p.add_argument("--implicit-tls", action="store_true", help="use port 465 (RFC 8314) instead of 587")
+    p.add_argument("--message-id", help="the Message-ID to use (default: a new one)")
+    p.add_argument("--direct-mx", nargs="?", const="", metavar="DOMAIN",
+                   help="skip the MSA: talk SMTP to the recipients' MX (or DOMAIN's), as an MTA does")
+    p.add_argument("--source-address", help="with --direct-mx: connect from this address")
+    p.add_argument("--helo", help="with --direct-mx: the name to give in EHLO")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m agents mua")
     parser.add_argument("--home", default=None)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_send = sub.add_parser("send", help="compose and submit a message")
-    p_send.add_argument("--from", dest="sender", required=True)
-    p_send.add_argument("--to", action="append", required=True)
-    p_send.add_argument("--subject", default="Hello from mailpipe")
-    p_send.add_argument("--body", default="Hello!\n")
-    p_send.add_argument("--password")
-    p_send.add_argument("--header-from", help="a From: header other than the sender (for the spoofing lesson)")
-    p_send.add_argument("--implicit-tls", action="store_true", help="use port 465 (RFC 8314) instead of 587")
-    p_send.add_argument("--message-id", help="the Message-ID to use (default: a new one)")
-    p_send.add_argument("--direct-mx", nargs="?", const="", metavar="DOMAIN",
-                        help="skip the MSA: talk SMTP to the recipients' MX (or DOMAIN's), as an MTA does")
-    p_send.add_argument("--source-address", help="with --direct-mx: connect from this address")
-    p_send.add_argument("--helo", help="with --direct-mx: the name to give in EHLO")
+    add_send_arguments(sub.add_parser("send", help="compose and submit a message"))
     for name in ("fetch", "wait", "watch"):
         p = sub.add_parser(name)
         p.add_argument("user")

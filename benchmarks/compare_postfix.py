@@ -62,7 +62,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agents.config import LabConfig  # noqa: E402
-from agents.lab import Lab  # noqa: E402
+from agents.lab import Lab, tcp_port_free  # noqa: E402
 
 APT = "DEBIAN_FRONTEND=noninteractive apt-get install -y postfix dovecot-imapd dovecot-lmtpd"
 SENDER, RCPT = "alice@sender.test", "bob@recipient.test"
@@ -95,16 +95,6 @@ def missing_tools(need_postfix: bool) -> list[str]:
             "/usr/lib/dovecot/lmtp": "dovecot-lmtpd",
         })
     return sorted({pkg for path, pkg in need.items() if not os.access(path, os.X_OK)})
-
-
-def port_free(address: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((address, port))
-        except OSError:
-            return False
-    return True
 
 
 def alive(pid: int | None) -> bool:
@@ -254,7 +244,7 @@ class MailpipeSlice:
     def start(self) -> None:
         cfg = self.cfg
         busy = [f"{s.address}:{p}" for s in cfg.agents() if s.name in SLICE_AGENTS
-                for svc, p in s.ports.items() if svc != "dns" and not port_free(s.address, p)]
+                for svc, p in s.ports.items() if svc != "dns" and not tcp_port_free(s.address, p)]
         if busy:
             raise BenchError(f"lab subnet {cfg.dns_address.rsplit('.', 2)[0]}.x.y is in use "
                              f"({', '.join(busy)}); try --subnet")
@@ -431,7 +421,7 @@ class PrivatePostfix:
 
     def start(self) -> None:
         for port in (PF_SMTP_PORT, DV_IMAP_PORT):
-            if not port_free("127.0.0.1", port):
+            if not tcp_port_free("127.0.0.1", port):
                 raise BenchError(f"127.0.0.1:{port} is in use (another private Postfix/Dovecot?)")
         t = time.monotonic()
         ref = self.ref = Path(tempfile.mkdtemp(prefix="mailpipe-pfref-"))

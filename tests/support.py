@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import socket
 import subprocess
 import time
 
 from agents.config import LabConfig
-from agents.lab import Lab
+from agents.lab import Lab, tcp_port_free
 
 _used_subnets: set[int] = set()
 
@@ -31,13 +30,8 @@ def free_subnet() -> int:
 
 def _looks_free(n: int) -> bool:
     """Is nobody listening on this subnet's DNS and SMTP ports right now?"""
-    for address, port in ((f"127.{n}.0.1", 1053), (f"127.{n}.1.1", 1025), (f"127.{n}.2.1", 1025)):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind((address, port))
-            except OSError:
-                return False
-    return True
+    return all(tcp_port_free(address, port)
+               for address, port in ((f"127.{n}.0.1", 1053), (f"127.{n}.1.1", 1025), (f"127.{n}.2.1", 1025)))
 
 
 def make_lab(tmp_path_factory, **overrides) -> Lab:
