@@ -85,7 +85,10 @@ class MUA:
         if self.password is None:
             raise MUAError(f"{user} is not a lab user; give --password")
         self.domain = config.domain(self.user.rpartition("@")[2])
-        self.tracer = Tracer(home.trace_file("mua") if config.trace else None, "mua", "mua", self.domain.name)
+        self.tracer = Tracer(home.trace_file("mua") if config.trace else None, "mua", "mua", self.domain.name,
+                             scheduler=reactor.callLater)
+        # Events wait for the end of the reactor turn; the last turn's go out here.
+        reactor.addSystemEventTrigger("after", "shutdown", self.tracer.flush)
         self.resolver = LabResolver(config.dns_server, reactor=reactor, tracer=self.tracer)
 
     @defer.inlineCallbacks

@@ -99,7 +99,8 @@ def run(role: str, home_dir: str, name: str) -> int:
         return EXIT_CANNOT_START
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    tracer = Tracer(home.trace_file(name) if config.trace else None, name, role, spec.domain)
+    tracer = Tracer(home.trace_file(name) if config.trace else None, name, role, spec.domain,
+                    scheduler=reactor.callLater)
     ctx = AgentContext(reactor, home, config, spec, tracer)
 
     from . import ROLE_MODULES

@@ -1,0 +1,72 @@
+"""The trace writer: valid JSON Lines, bound fields, masked secrets, batched writes."""
+
+import json
+
+from twisted.internet import task
+
+from agents.trace import Tracer, read_events
+
+
+def lines(path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def test_events_are_json_lines_with_the_agent_fields(tmp_path):
+    tracer = Tracer(tmp_path / "a.jsonl", "mta.x.test", "mta", "x.test")
+    tracer.event("smtp.mail", sender='odd "quoted" <é@x.test>', size=12, nothing=None)
+    tracer.line("c1", "C", b"MAIL FROM:<\xc3\xa9@x.test>\\", peer="127.0.0.1:1")
+    first, second = lines(tmp_path / "a.jsonl")
+    assert first["agent"] == "mta.x.test" and first["role"] == "mta" and first["domain"] == "x.test"
+    assert first["event"] == "smtp.mail" and first["sender"] == 'odd "quoted" <é@x.test>'
+    assert first["size"] == 12 and "nothing" not in first
+    assert isinstance(first["ts"], int) and first["ts"] <= second["ts"]
+    assert second == {**second, "event": "line", "conn": "c1", "dir": "C",
+                      "line": "MAIL FROM:<é@x.test>\\", "peer": "127.0.0.1:1"}
+
+
+def test_bound_fields_reach_every_event_and_the_event_wins(tmp_path):
+    tracer = Tracer(tmp_path / "a.jsonl", "a", "mta", None)
+    bound = tracer.bind(queue_id="Q1", message_id="<m@x>", unused=None)
+    bound.event("relay.done", code=250)
+    bound.line("c", "S", b"250 ok")
+    bound.event("relay.done", queue_id="Q2")
+    tracer.event("plain")
+    a, b, c, d = lines(tmp_path / "a.jsonl")
+    assert a["queue_id"] == b["queue_id"] == "Q1" and a["message_id"] == "<m@x>"
+    assert "unused" not in a and a["code"] == 250
+    assert c["queue_id"] == "Q2"  # the event's own field overrides the bound one
+    assert "queue_id" not in d
+
+
+def test_secrets_are_masked(tmp_path):
+    tracer = Tracer(tmp_path / "a.jsonl", "a", "msa", None)
+    tracer.line("c", "C", b"AUTH PLAIN AGFsaWNlAHNlY3JldA==")
+    tracer.line("c", "C", b"a1 LOGIN bob hunter2")
+    tracer.line("c", "C", b"PASS hunter2")
+    text = (tmp_path / "a.jsonl").read_text()
+    assert "AGFsaWNl" not in text and "hunter2" not in text
+    assert [e["line"] for e in lines(tmp_path / "a.jsonl")] == ["AUTH PLAIN ***", "a1 LOGIN bob ***", "PASS ***"]
+
+
+def test_with_a_scheduler_one_reactor_turn_is_one_write(tmp_path):
+    clock = task.Clock()
+    path = tmp_path / "a.jsonl"
+    tracer = Tracer(path, "a", "mta", None, scheduler=clock.callLater)
+    bound = tracer.bind(queue_id="Q")
+    tracer.event("one")
+    bound.event("two")  # a bound copy shares the batch
+    assert path.read_text() == ""
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert [e["event"] for e in read_events(tmp_path)] == ["one", "two"]
+    tracer.event("three")
+    tracer.close()  # closing writes what is pending
+    assert [e["event"] for e in read_events(tmp_path)] == ["one", "two", "three"]
+
+
+def test_a_disabled_tracer_writes_nothing(tmp_path):
+    tracer = Tracer(None, "a", "mta", None)
+    tracer.event("x")
+    tracer.line("c", "C", b"HELO")
+    tracer.bind(q=1).event("y")
+    assert list(tmp_path.iterdir()) == []
