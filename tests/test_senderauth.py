@@ -660,3 +660,24 @@ def test_openssl_rsa_signing_gives_the_same_signature_as_dkimpy(tmp_path):
     import re
     strip_t = lambda sig: re.sub(rb"t=\d+;", b"", sig)
     assert strip_t(signature(ours._rsa_sign_with_openssl)) == strip_t(signature(dkim.crypto.RSASSA_PKCS1_v1_5_sign))
+
+
+def test_openssl_rsa_verification_agrees_with_dkimpy(tmp_path):
+    """The verify fast path says True and False exactly where dkimpy's own code does."""
+    import hashlib
+
+    import dkim.crypto
+
+    from agents import dkim as ours
+    from agents.config import Domain
+
+    key = ours.ensure_key(tmp_path, Domain("x.test", "127.0.9.1", True, {}))
+    private = dkim.crypto.parse_pem_private_key(key.dkimpy_private_key())
+    public = {"modulus": private["modulus"], "publicExponent": private["publicExponent"]}
+    digest = hashlib.sha256(b"signed headers")
+    good = dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest, private)
+    bad = bytes([good[0] ^ 1]) + good[1:]
+    other = hashlib.sha256(b"other headers")
+    for sig, h in [(good, digest), (bad, digest), (good, other), (good[:-1], digest)]:
+        assert ours._rsa_verify_with_openssl(h, sig, public) == dkim.crypto.RSASSA_PKCS1_v1_5_verify(h, sig, public)
+    assert ours._rsa_verify_with_openssl(digest, good, public) is True
