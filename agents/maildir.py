@@ -312,11 +312,15 @@ class Maildir:
                         except FileNotFoundError:
                             pass
             self._where = dict(files)
-        messages = sorted(
-            (MessageFile(uidlist.uids[key], key, path) for key, path in files.items()),
-            key=lambda m: m.uid,
-        )
-        return Snapshot(uidlist.validity, uidlist.uid_next, messages, frozenset(claimed))
+            # Read the list while the lock is held: a delivery in another
+            # thread may give out the next UID the moment it is released, and
+            # a snapshot whose uid_next counts a message it does not list
+            # would make a session skip that message for good.
+            messages = sorted(
+                (MessageFile(uidlist.uids[key], key, path) for key, path in files.items()),
+                key=lambda m: m.uid,
+            )
+            return Snapshot(uidlist.validity, uidlist.uid_next, messages, frozenset(claimed))
 
     def find(self, key: str) -> Path | None:
         """The current file of a message, or None once it has been deleted."""

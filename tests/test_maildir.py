@@ -240,3 +240,29 @@ def test_uid_cache_notices_a_list_changed_by_someone_else(tmp_path):
     validity = header.split()[1]
     path.write_text(f"3 {validity} N50\n{record.replace('1 :', '49 :')}\n")  # another process renumbered
     assert box.deliver_with_uid(b"Subject: b\r\n\r\nx\r\n")[1] == 50
+
+
+def test_a_scan_never_counts_a_uid_it_does_not_list(tmp_path):
+    """A delivery that takes the next UID just after a scan lets go of the lock
+    must not show up in that scan's uid_next: an IMAP view taking uid_next from
+    it would treat the following UID as the next one and skip this message."""
+    import contextlib
+
+    class RacingMaildir(Maildir):
+        racing = False
+
+        @contextlib.contextmanager
+        def _locked(self):
+            with super()._locked():
+                yield
+            if self.racing:  # the scan has just released the lock
+                self.racing = False
+                self.deliver(MESSAGE)  # another thread's delivery, at the worst moment
+
+    md = RacingMaildir(tmp_path / "md")
+    md.deliver(MESSAGE)
+    md.racing = True
+    snapshot = md.scan()
+    assert [m.uid for m in snapshot.messages] == [1]
+    assert snapshot.uid_next == 2
+    assert [m.uid for m in md.scan().messages] == [1, 2]
