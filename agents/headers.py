@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import re
 import time
 import uuid
@@ -29,7 +30,24 @@ def split_message(content: bytes) -> tuple[bytes, bytes]:
 
 def header_fields(content: bytes) -> list[tuple[str, str]]:
     """All header fields as ``(name, unfolded value)`` pairs, in order."""
-    block, _ = split_message(content)
+    if content.startswith(b"\r\n"):
+        return []  # an empty header block (RFC 5322 2.1)
+    end = content.find(b"\r\n\r\n")
+    block = content if end < 0 else content[: end + 2]
+    if len(block) > _CACHED_HEADER_LIMIT:
+        return list(_parse_header_block.__wrapped__(block))
+    return list(_parse_header_block(block))
+
+
+#: Header blocks up to this size are remembered (a few per agent at a time).
+_CACHED_HEADER_LIMIT = 64 * 1024
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_header_block(block: bytes) -> tuple[tuple[str, str], ...]:
+    # An agent reads the same message's header many times (Message-ID, From,
+    # DKIM, Authentication-Results...): parse each header block once. The key
+    # is the header alone, so the cache never holds a message body.
     fields: list[tuple[str, str]] = []
     for line in block.split(b"\r\n"):
         if not line:
@@ -40,7 +58,7 @@ def header_fields(content: bytes) -> list[tuple[str, str]]:
         elif b":" in line:
             name, _, value = line.partition(b":")
             fields.append((name.decode("ascii", "replace").strip(), value.strip().decode("utf-8", "replace")))
-    return fields
+    return tuple(fields)
 
 
 def get_header(content: bytes, name: str) -> str | None:
