@@ -142,6 +142,8 @@ class Arrivals:
             yield self.poll_new()
             if len(self.visible) >= len(self.wanted) or self.finished:
                 break
+            if (self.client.exists or 0) > self.seen_count:
+                continue  # news came in during the FETCH: look again before idling
             yield self.client.idle_until_news(min(1.0, max(0.05, deadline - time.monotonic())))
 
     def finish(self) -> None:

@@ -375,3 +375,34 @@ def test_str_error_messages_are_sent_as_bytes(client):
     """Twisted #12262: some error paths hand sendNegativeResponse a str."""
     client.server.sendNegativeResponse(b"t", "[ALERT] Some messages were not copied")
     assert client.take() == b"t NO [ALERT] Some messages were not copied\r\n"
+
+
+def test_sequence_sets_pick_messages_by_number_and_by_uid(tmp_path):
+    """RFC 3501 9 (sequence-set): ranges either way round, ``*`` the highest,
+    UID ranges across gaps left by expunged messages."""
+    from twisted.mail.imap4 import parseIdList
+
+    from agents.imap import MaildirMailbox
+
+    store = MailStore(tmp_path, run_in_thread=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
+    keys = [store.maildir("bob@x.test", "INBOX").deliver(b"Subject: %d\r\n\r\nbody\r\n" % i)
+            for i in range(1, 8)]
+    for key in (keys[1], keys[4]):  # UIDs 2 and 5 are gone
+        store.maildir("bob@x.test", "INBOX").remove(key)
+    box = MaildirMailbox(store, "bob@x.test", "INBOX", writeable=True)
+
+    def pick(text, uid):
+        return list(box._messages(parseIdList(text.encode()), uid))
+
+    assert box._view() == [1, 3, 4, 6, 7]
+    assert pick("1:*", False) == [(1, 1), (2, 3), (3, 4), (4, 6), (5, 7)]
+    assert pick("4:2", False) == [(2, 3), (3, 4), (4, 6)]
+    assert pick("*", False) == [(5, 7)]
+    assert pick("5:*,1,1", False) == [(1, 1), (5, 7)]
+    assert pick("9", False) == []
+    assert pick("2:6", True) == [(2, 3), (3, 4), (4, 6)]
+    assert pick("5", True) == []
+    assert pick("*", True) == [(5, 7)]
+    assert pick("100:*", True) == [(5, 7)]  # n:* always takes the highest UID
+    assert pick("1,4,7", True) == [(1, 1), (3, 4), (5, 7)]
+    assert box.getRecentCount() == 5
