@@ -142,3 +142,38 @@ def test_data_reader_never_desyncs_and_never_takes_a_second_message(raw, data):
     else:
         assert verdict.startswith(b"250 "), verdict
         assert handler.delivered == [want]
+
+
+def read_data(stream: bytes, cuts: list[int], max_size: int, max_line: int, fast: bool):
+    """Run a MessageReader over ``stream`` arriving in pieces, as SMTPServer._drain does."""
+    from agents.smtpserver import MessageReader
+
+    reader = MessageReader(max_size, max_line)
+    buffer, done = bytearray(), False
+    for piece in [stream[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(stream)])]:
+        buffer += piece
+        while not done:
+            if fast:
+                used, done = reader.feed_block(buffer)
+                if used:
+                    del buffer[:used]
+                    continue
+            end = buffer.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(buffer[: end + 1])
+            del buffer[: end + 1]
+            done = reader.feed(line)
+    return done, reader.state, reader.size, reader.content(), bytes(buffer)
+
+
+@FUZZ
+@given(raw=body_strategy, data=st.data())
+def test_the_block_fast_path_reads_exactly_what_the_line_reader_reads(raw, data):
+    """feed_block is only a shortcut: same end, same verdict, same size, same bytes left over."""
+    stream = raw + data.draw(st.sampled_from([b".\r\nNOOP\r\n", b"\r\n.\r\nQUIT\r\n", b""]))
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8))
+    max_size = data.draw(st.sampled_from([10 ** 6, 200, 40, 3]))
+    max_line = data.draw(st.sampled_from([1000, 20, 5]))
+    assert read_data(stream, cuts, max_size, max_line, fast=True) == \
+        read_data(stream, cuts, max_size, max_line, fast=False)
