@@ -49,6 +49,16 @@ def mask_secret(line: bytes) -> bytes:
     return line
 
 
+def _json_value(value: Any) -> str:
+    """One field value as JSON: strings and integers directly, the rest by json."""
+    kind = type(value)
+    if kind is str:
+        return _quote(value)
+    if kind is int:
+        return str(value)
+    return _ENCODER.encode(value)  # floats, bools, lists, dicts; anything else as str()
+
+
 class TraceSink:
     """The file behind a tracer and its bound copies: one write per reactor turn.
 
@@ -145,16 +155,8 @@ class Tracer:
         if self._bound_text:
             parts += [", ", self._bound_text]
         for key, value in fields.items():
-            if value is None:
-                continue
-            kind = type(value)
-            if kind is str:
-                text = _quote(value)
-            elif kind is int:
-                text = str(value)
-            else:  # floats, lists, dicts, anything else: the json module decides
-                text = _ENCODER.encode(value)
-            parts += [", ", _quote(key), ": ", text]
+            if value is not None:
+                parts += [", ", _quote(key), ": ", _json_value(value)]
         parts.append("}\n")
         self._sink.write("".join(parts))
 
@@ -170,9 +172,11 @@ class Tracer:
         parts = ['{"ts": ', str(now_us()), ", ", self._head, ', "event": "line"']
         if self._bound_text:
             parts += [", ", self._bound_text]
-        parts += [', "conn": ', _quote(conn), ', "dir": ', _quote(direction), ', "line": ', _quote(text)]
+        if conn is not None:
+            parts += [', "conn": ', _json_value(conn)]
+        parts += [', "dir": ', _quote(direction), ', "line": ', _quote(text)]
         if peer is not None:
-            parts += [', "peer": ', _quote(peer)]
+            parts += [', "peer": ', _json_value(peer)]
         parts.append("}\n")
         self._sink.write("".join(parts))
 

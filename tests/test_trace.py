@@ -70,3 +70,15 @@ def test_a_disabled_tracer_writes_nothing(tmp_path):
     tracer.line("c", "C", b"HELO")
     tracer.bind(q=1).event("y")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_odd_values_still_make_valid_json(tmp_path):
+    from pathlib import PurePath
+
+    tracer = Tracer(tmp_path / "a.jsonl", "a", "mta", None)
+    tracer.event("x", ok=True, ratio=0.5, hosts=["a", "b"], path=PurePath("/tmp/q"), nested={"k": 1})
+    tracer.line(None, "S", b"220 ready", peer=("127.0.0.1", 25))
+    x, line = lines(tmp_path / "a.jsonl")
+    assert x["ok"] is True and x["ratio"] == 0.5 and x["hosts"] == ["a", "b"]
+    assert x["path"] == "/tmp/q" and x["nested"] == {"k": 1}
+    assert "conn" not in line and line["peer"] == ["127.0.0.1", 25]
