@@ -1,0 +1,35 @@
+"""`mailpipe bench` end to end: a small run through every hop, figures and plots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_delivers_every_message_and_reports_each_hop(lab, tmp_path):
+    figures, picture = tmp_path / "bench.json", tmp_path / "bench.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "agents.cli", "--home", str(lab.home.root), "bench",
+         "--messages", "40", "--concurrency", "4", "--size", "3000",
+         "--json", str(figures), "--plot", str(picture)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "delivered" in run.stderr  # the tqdm progress bar
+    result = json.loads(figures.read_text())
+    assert result["delivered"] == result["messages"] == 40 and result["lost"] == []
+    assert result["concurrency"] == 4 and result["size"] == 3000
+    assert result["throughput"] > 0 and len(result["samples"]) == 40
+    lat = result["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert all(start < visible for start, visible in result["samples"])
+    assert set(result["hop_p50_ms"]) == {
+        "msa.sender.test -> mta.sender.test",
+        "mta.sender.test -> mta.recipient.test",
+        "mta.recipient.test -> mda.recipient.test",
+    }
+    assert all(ms > 0 for ms in result["hop_p50_ms"].values())
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for word in ("throughput", "msg/s", "p50", "p99", "per hop"):
+        assert word in run.stdout
