@@ -681,3 +681,15 @@ def test_openssl_rsa_verification_agrees_with_dkimpy(tmp_path):
     for sig, h in [(good, digest), (bad, digest), (good, other), (good[:-1], digest)]:
         assert ours._rsa_verify_with_openssl(h, sig, public) == dkim.crypto.RSASSA_PKCS1_v1_5_verify(h, sig, public)
     assert ours._rsa_verify_with_openssl(digest, good, public) is True
+
+
+def test_small_messages_are_signed_inline_big_ones_in_a_thread():
+    from agents.senderauth import INLINE_CRYPTO_LIMIT, crypto_runner
+
+    thread = object()
+    assert crypto_runner(b"x" * INLINE_CRYPTO_LIMIT, thread) is not thread
+    assert crypto_runner(b"x" * (INLINE_CRYPTO_LIMIT + 1), thread) is thread
+    run = crypto_runner(b"small", thread)
+    assert result_of(run(lambda a, b: a + b, 2, 3)) == 5
+    failure = run(lambda: 1 / 0)
+    failure.addErrback(lambda f: f.trap(ZeroDivisionError) and None)
