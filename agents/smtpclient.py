@@ -62,7 +62,7 @@ from twisted.mail.interfaces import IClientAuthentication
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from agents.tls import client_context
+from agents.tls import client_context, session_resumed
 from agents.trace import NULL_TRACER, Tracer, now_us
 from agents.net import no_delay
 
@@ -645,7 +645,10 @@ class SessionProtocol(smtp.ESMTPClient):
     def handshakeCompleted(self) -> None:
         """Called by Twisted's TLS layer once the peer is verified."""
         self.timings["tls"] = now_us()
-        self.tracer.event("tls.done", conn=self.conn_id, version=_tls_version(self.transport))
+        handle = _tls_handle(self.transport)
+        self.tracer.event("tls.done", conn=self.conn_id,
+                          version=handle.get_protocol_version_name() if handle else None,
+                          resumed=session_resumed(handle) if handle else None)
 
     # AUTH (RFC 4954).
 
@@ -689,6 +692,13 @@ class SessionProtocol(smtp.ESMTPClient):
         the connection is ready for MAIL. We wait for a transaction."""
         self.sasl_active = False
         self.timings["ready"] = now_us()
+        remember = getattr(self.options.tls_context, "remember", None)
+        if self._tlsMode and remember is not None:
+            # The server has answered EHLO over TLS: the session is good to
+            # offer again next time (agents.tls; RFC 8446 2.2).
+            handle = _tls_handle(self.transport)
+            if handle is not None:
+                remember(handle)
         self.tracer.event(
             "relay.ready",
             conn=self.conn_id,
@@ -1103,15 +1113,15 @@ def _no_recipient_error(replies: list[RecipientResult]) -> SMTPDeliveryError:
     )
 
 
-def _tls_version(transport) -> str | None:
-    """"TLSv1.3" and the like, from whichever object holds the TLS connection."""
+def _tls_handle(transport):
+    """The OpenSSL connection, from whichever object holds it (None if none does)."""
     for candidate in (transport, getattr(transport, "protocol", None)):
         try:
             handle = candidate.getHandle()
         except Exception:
             continue
         if hasattr(handle, "get_protocol_version_name"):
-            return handle.get_protocol_version_name()
+            return handle
     return None
 
 

@@ -52,6 +52,7 @@ from zope.interface import implementer
 from agents.security import LoginBlocked, ThrottledPortal, routing_trick, tls_failure
 from agents.security import event as security_event
 from agents.net import no_delay
+from agents.tls import session_resumed
 from agents.trace import NULL_TRACER, Tracer
 
 _log = Logger()
@@ -497,10 +498,12 @@ class SMTPServer(smtp.ESMTP):
             handle = self.transport.getHandle()
             self.session.notes["tls_version"] = handle.get_protocol_version_name()
             self.session.notes["tls_cipher"] = handle.get_cipher_name()
+            self.session.notes["tls_resumed"] = session_resumed(handle)
         except Exception:  # not every transport exposes the OpenSSL object
             pass
         notes = self.session.notes
-        self._event("tls.done", version=notes.get("tls_version"), cipher=notes.get("tls_cipher"))
+        self._event("tls.done", version=notes.get("tls_version"), cipher=notes.get("tls_cipher"),
+                    resumed=notes.get("tls_resumed"))
 
     # -- framing -----------------------------------------------------------
 

@@ -858,6 +858,37 @@ class LoopbackTLSTests(trial.TestCase):
         self.assertTrue(done[0]["version"].startswith("TLSv1."))
 
     @defer.inlineCallbacks
+    def test_a_second_connection_resumes_the_tls_session(self):
+        """RFC 8446 2.2: the server's ticket lets the next connection skip the
+        certificate exchange; both ends trace ``resumed``."""
+        for implicit, mode in ((False, "starttls"), (True, "implicit")):
+            factory, port = self.start_server(implicit=implicit)
+            trace = self.temp_dir() / "trace.jsonl"
+            tracer = Tracer(trace, "mta", "mta", "a.test")
+            self.addCleanup(tracer.close)
+            for _ in range(3):
+                factory.closed = defer.Deferred()
+                result = yield self.deliver(port, mode, "mx.lab.test", tracer=tracer)
+                yield factory.closed
+                self.assertTrue(result.ok and result.tls)
+            resumed = [e["resumed"] for e in read_trace(trace) if e["event"] == "tls.done"]
+            self.assertEqual(resumed, [False, True, True], mode)
+
+    @defer.inlineCallbacks
+    def test_a_session_is_only_offered_for_its_own_name(self):
+        factory, port = self.start_server(implicit=False)
+        factory.closed = defer.Deferred()
+        yield self.deliver(port, "starttls", "mx.lab.test")
+        yield factory.closed
+        # Another name (here the address, also in the certificate's names or
+        # not) gets options of its own: nothing remembered, a full handshake.
+        from agents.tls import CLIENT_SESSIONS
+
+        pem = self.ca.read_bytes()
+        self.assertIsNotNone(CLIENT_SESSIONS.options(pem, "mx.lab.test").session)
+        self.assertIsNone(CLIENT_SESSIONS.options(pem, "other.lab.test").session)
+
+    @defer.inlineCallbacks
     def test_two_messages_over_one_session_one_tls_handshake(self):
         factory, port = self.start_server(implicit=False)
         session = yield open_session(
