@@ -90,11 +90,7 @@ class TLSSessions:
         key = (ca_pem, hostname)
         options = self._options.get(key)
         if options is None:
-            inner = ssl.optionsForClientTLS(
-                hostname, trustRoot=ssl.Certificate.loadPEM(ca_pem),
-                extraCertificateOptions={"raiseMinimumTo": MIN_TLS},
-            )
-            options = self._options[key] = ResumingClientOptions(inner, hostname)
+            options = self._options[key] = ResumingClientOptions(_verifying(ca_pem, hostname), hostname)
         self._options.move_to_end(key)
         while len(self._options) > self.limit:
             self._options.popitem(last=False)
@@ -115,8 +111,13 @@ def client_context(ca_pem: Path, hostname: str, sessions: TLSSessions | None = C
     pem = Path(ca_pem).read_bytes()
     if sessions is not None:
         return sessions.options(pem, hostname)
+    return _verifying(pem, hostname)
+
+
+def _verifying(ca_pem: bytes, hostname: str):
+    """Twisted's client options: trust only this CA, check ``hostname``, TLS 1.2 or later."""
     return ssl.optionsForClientTLS(
-        hostname, trustRoot=ssl.Certificate.loadPEM(pem),
+        hostname, trustRoot=ssl.Certificate.loadPEM(ca_pem),
         extraCertificateOptions={"raiseMinimumTo": MIN_TLS},
     )
 
