@@ -63,6 +63,7 @@ class SubmissionPolicy(SMTPHandler):
             helo=session.helo, peer_ip=session.peer, by=self.domain.host("msa"),
             protocol="ESMTPSA" if session.tls else "ESMTPA", queue_id=queue_id,
             recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None,
+            tls=session.notes.get("tls_version"),  # RFC 8314 7.4, as the MTA does
         )
         d = self.queue.accept(envelope.mail_from, envelope.rcpt_tos, received + content,
                               message_id=message_id, queue_id=queue_id, conn=session.conn_id)

@@ -37,6 +37,8 @@ def test_message_travels_every_hop(lab):
     for host in ("imap.recipient.test", "mx.recipient.test", "mx.sender.test", "smtp.sender.test"):
         assert f"by {host}" in received
     assert "with ESMTPSA" in received and "with LMTP" in received and "with ESMTPS" in received
+    # RFC 8314 7.4: each hop that used TLS says which version, submission included.
+    assert "by smtp.sender.test (mailpipe) with ESMTPSA (TLSv1.3)" in received
     path = [(h["from"], h["to"]) for h in hops(lab.trace(), sent["message_id"])]
     assert path[:5] == [
         ("mua", "msa.sender.test"),
