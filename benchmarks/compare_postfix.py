@@ -61,6 +61,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from agents.bench import benchmark_config  # noqa: E402
 from agents.config import LabConfig  # noqa: E402
 from agents.lab import Lab, tcp_port_free  # noqa: E402
 
@@ -221,16 +222,14 @@ def drive(target: tuple[str, int], maildir: Path, imap: ImapCounter, n: int, ses
 # -- mailpipe ------------------------------------------------------------------------
 
 def bench_config(subnet: int, trace: bool) -> LabConfig:
-    cfg = LabConfig.load(None).relocated(subnet)
-    security = {**cfg.section("security"), "max_messages_per_user": 0, "max_messages_per_client": 0}
+    cfg = benchmark_config(LabConfig.load(None).relocated(subnet), trace)
     # smtp-source connects from 127.0.0.1: SPF of sender.test fails, and p=reject would
     # refuse every message. p=none keeps every check running and delivers to INBOX.
     domains = tuple(
         dataclasses.replace(d, options={**d.options, "dmarc_policy": "none"}) if d.name == "sender.test" else d
         for d in cfg.domains
     )
-    return dataclasses.replace(cfg, domains=domains, trace=trace,
-                               sections={**cfg.sections, "security": security})
+    return dataclasses.replace(cfg, domains=domains)
 
 
 class MailpipeSlice:

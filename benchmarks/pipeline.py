@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""The whole pipeline, timed: issue 3's end-to-end figures, rerunnable.
+
+For each trace setting (``--trace on``, ``off`` or ``both``) and each run, the
+script starts a fresh lab in a temporary home on its own ``127.SUBNET.x.y``
+addresses, with the MSA's rate limits off (:func:`agents.bench.benchmark_config`),
+and measures with ``mailpipe bench``:
+
+1. **one at a time**: ``--single`` messages, concurrency 1. These are the
+   latency targets: p50 < 25 ms and p99 < 60 ms;
+2. **sustained**: ``--messages`` messages from ``--concurrency`` submitters.
+   This is the throughput target: 300 msg/s with 10 submitters. It also
+   measures the CPU time each agent spent, read from ``/proc`` before and
+   after, per message.
+
+Then the lab goes down. Every message is submitted with STARTTLS+AUTH,
+relayed by MX with DKIM, SPF and DMARC, delivered over LMTP into a Maildir
+(fsync before every 250), and counted when Bob's IMAP IDLE session sees it.
+
+    .venv/bin/python benchmarks/pipeline.py                      # trace on and off, 1 run each
+    .venv/bin/python benchmarks/pipeline.py --runs 3 --json out.json
+
+Speed is measured, never asserted: the figures depend on the machine (on a
+shared VM they vary by about 10 % from run to run, so use ``--runs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from agents.bench import benchmark_config  # noqa: E402
+from agents.config import LabConfig  # noqa: E402
+from agents.lab import Lab  # noqa: E402
+
+PIPELINE = ("msa.sender.test", "mta.sender.test", "mta.recipient.test", "mda.recipient.test")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc/PID/stat (fields 14, 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def bench(lab: Lab, messages: int, concurrency: int, size: int) -> dict:
+    """One ``mailpipe bench`` run against ``lab``; its JSON figures."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        run = subprocess.run(
+            [sys.executable, "-m", "agents.cli", "--home", str(lab.home.root), "bench",
+             "--messages", str(messages), "--concurrency", str(concurrency), "--size", str(size),
+             "--no-progress", "--json", out.name],
+            capture_output=True, text=True, timeout=120 + messages,
+        )
+        if run.returncode not in (0, 2):  # 2: some messages were lost; the figures say which
+            raise RuntimeError(f"mailpipe bench failed ({run.returncode}): {run.stderr.strip()}")
+        figures = json.loads(Path(out.name).read_text())
+    figures.pop("samples", None)
+    return figures
+
+
+def one_lab(args, trace: bool, subnet: int) -> dict:
+    config = benchmark_config(LabConfig.load(None).relocated(subnet), trace)
+    home = Path(tempfile.mkdtemp(prefix="mailpipe-pipeline-"))
+    lab = Lab(home, config)
+    lab.up()
+    try:
+        single = bench(lab, args.single, 1, args.size)
+        pids = {name: lab.pid(name) for name in PIPELINE}
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        started = time.monotonic()
+        sustained = bench(lab, args.messages, args.concurrency, args.size)
+        wall = time.monotonic() - started
+        cpu_ms = {name: round((cpu_seconds(pid) - before[name]) * 1000 / args.messages, 2)
+                  for name, pid in pids.items()}
+    finally:
+        lab.down()
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
+    return {"trace": trace, "single": single, "sustained": sustained,
+            "cpu_ms_per_message": cpu_ms, "sustained_wall_s": round(wall, 2),
+            "home": str(home) if args.keep else None}
+
+
+def summary(rows: list[dict]) -> str:
+    out = [f"{'trace':<6} {'1 at a time p50/p99 ms':>23} {'msg/s':>8} {'p50/p99 ms':>15} "
+           f"{'agents CPU ms/msg':>18} {'lost':>5}"]
+    for r in rows:
+        s, m = r["single"]["latency_ms"], r["sustained"]
+        lost = len(r["single"]["lost"]) + len(m["lost"])
+        out.append(
+            f"{'on' if r['trace'] else 'off':<6} {s['p50']:>11.1f} / {s['p99']:<9.1f} "
+            f"{m['throughput']:>8.1f} {m['latency_ms']['p50']:>7.1f} / {m['latency_ms']['p99']:<6.1f} "
+            f"{sum(r['cpu_ms_per_message'].values()):>18.2f} {lost:>5}"
+        )
+    out.append("CPU per message, by agent (last run of each setting):")
+    for r in {row["trace"]: row for row in rows}.values():
+        parts = ", ".join(f"{name.split('.')[0]}.{name.split('.')[1]} {ms}" for name, ms in r["cpu_ms_per_message"].items())
+        out.append(f"  trace {'on ' if r['trace'] else 'off'}: {parts}")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--messages", type=int, default=1500, help="sustained run (default 1500)")
+    p.add_argument("--concurrency", type=int, default=10, help="submitters in the sustained run")
+    p.add_argument("--single", type=int, default=300, help="messages sent one at a time (default 300)")
+    p.add_argument("--size", type=int, default=2048, help="body size in bytes")
+    p.add_argument("--trace", choices=("on", "off", "both"), default="both")
+    p.add_argument("--runs", type=int, default=1, help="fresh labs per trace setting")
+    p.add_argument("--subnet", type=int, default=120, help="labs run on 127.SUBNET.x.y (and up)")
+    p.add_argument("--json", metavar="FILE", help="write every run's figures")
+    p.add_argument("--keep", action="store_true", help="keep each lab's home (trace, Maildirs)")
+    args = p.parse_args(argv)
+
+    settings = {"on": [True], "off": [False], "both": [True, False]}[args.trace]
+    rows, subnet = [], args.subnet
+    for trace in settings:
+        for run in range(args.runs):
+            print(f"[pipeline] trace {'on' if trace else 'off'}, run {run + 1}: lab on 127.{subnet}.x.y",
+                  file=sys.stderr, flush=True)
+            rows.append(one_lab(args, trace, subnet))
+            subnet = subnet + 1 if subnet < 250 else args.subnet
+    print(summary(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0 if all(not r["single"]["lost"] and not r["sustained"]["lost"] for r in rows) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The benchmark scripts in benchmarks/ run (their figures are not asserted: speed is
+measured, never tested)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from support import free_subnet
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_pipeline_benchmark_runs_a_fresh_lab_and_reports(tmp_path):
+    out = tmp_path / "pipeline.json"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "pipeline.py"), "--messages", "12", "--single", "4",
+         "--concurrency", "3", "--trace", "on", "--subnet", str(free_subnet()), "--json", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["trace"] is True and row["home"] is None  # the lab's home was removed
+    assert row["single"]["delivered"] == 4 and row["single"]["concurrency"] == 1
+    assert row["sustained"]["delivered"] == 12 and row["sustained"]["concurrency"] == 3
+    assert set(row["cpu_ms_per_message"]) == {
+        "msa.sender.test", "mta.sender.test", "mta.recipient.test", "mda.recipient.test"}
+    assert all(ms > 0 for ms in row["cpu_ms_per_message"].values())
+    assert "msg/s" in run.stdout and "CPU per message" in run.stdout
+
+
+def test_compare_postfix_benchmark_runs_the_mailpipe_side(tmp_path):
+    """Without root or Postfix: the mailpipe half alone, on a small load."""
+    from shutil import which
+
+    import pytest
+
+    if which("smtp-source") is None and not Path("/usr/sbin/smtp-source").exists():
+        pytest.skip("smtp-source (Debian package postfix) is not installed")
+    out = tmp_path / "compare.json"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "compare_postfix.py"), "--skip-postfix",
+         "--messages", "30", "--sessions", "3", "--subnet", str(free_subnet()), "--json", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    figures = json.loads(out.read_text())
+    assert figures["mailpipe"]["complete"] and figures["mailpipe"]["runs"][0]["imap_count"] == 30
