@@ -33,11 +33,9 @@ def test_pipeline_benchmark_runs_a_fresh_lab_and_reports(tmp_path):
 
 def test_compare_postfix_benchmark_runs_the_mailpipe_side(tmp_path):
     """Without root or Postfix: the mailpipe half alone, on a small load."""
-    from shutil import which
-
     import pytest
 
-    if which("smtp-source") is None and not Path("/usr/sbin/smtp-source").exists():
+    if not Path("/usr/sbin/smtp-source").exists():  # where the script looks for it
         pytest.skip("smtp-source (Debian package postfix) is not installed")
     out = tmp_path / "compare.json"
     run = subprocess.run(
