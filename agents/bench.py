@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from twisted.internet import defer
 
@@ -74,8 +74,6 @@ def benchmark_config(config: LabConfig, trace: bool = True) -> LabConfig:
     2000 (``[security]``, agents.security); a benchmark sends more. Everything
     else (TLS, AUTH, SPF, DKIM, DMARC, fsync) stays as it is.
     """
-    from dataclasses import replace
-
     security = {**config.section("security"), "max_messages_per_user": 0, "max_messages_per_client": 0}
     return replace(config, trace=trace, sections={**config.sections, "security": security})
 

@@ -18,22 +18,25 @@ import uuid
 _SAFE_TOKEN = re.compile(rb"[^\x21-\x7e]")
 
 
+def header_block(content: bytes) -> bytes:
+    """The header section including its final CRLF (RFC 5322 2.1), without copying the body."""
+    if content.startswith(b"\r\n"):
+        return b""  # an empty header section
+    end = content.find(b"\r\n\r\n")
+    return content if end < 0 else content[: end + 2]
+
+
 def split_message(content: bytes) -> tuple[bytes, bytes]:
     """``(header block including its final CRLF, body)``; RFC 5322 2.1."""
-    end = content.find(b"\r\n\r\n")
-    if end < 0:
-        if content.startswith(b"\r\n"):
-            return b"", content[2:]
-        return content, b""
-    return content[: end + 2], content[end + 4 :]
+    block = header_block(content)
+    if len(block) == len(content):
+        return content, b""  # no empty line: all header, no body
+    return block, content[len(block) + 2 :]
 
 
 def header_fields(content: bytes) -> list[tuple[str, str]]:
     """All header fields as ``(name, unfolded value)`` pairs, in order."""
-    if content.startswith(b"\r\n"):
-        return []  # an empty header block (RFC 5322 2.1)
-    end = content.find(b"\r\n\r\n")
-    block = content if end < 0 else content[: end + 2]
+    block = header_block(content)
     if len(block) > _CACHED_HEADER_LIMIT:
         return list(_parse_header_block.__wrapped__(block))
     return list(_parse_header_block(block))

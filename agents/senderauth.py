@@ -131,13 +131,9 @@ class Verdict:
 INLINE_CRYPTO_LIMIT = 256 * 1024
 
 
-def _inline(f, *args, **kwargs):
-    return defer.maybeDeferred(f, *args, **kwargs)
-
-
 def crypto_runner(content: bytes, run_blocking):
     """How to run DKIM work on ``content``: inline if small, else ``run_blocking``."""
-    return _inline if len(content) <= INLINE_CRYPTO_LIMIT else run_blocking
+    return defer.maybeDeferred if len(content) <= INLINE_CRYPTO_LIMIT else run_blocking
 
 
 class SenderAuth:

@@ -120,11 +120,14 @@ class Tracer:
     def __init__(self, path: Path | None, agent: str, role: str, domain: str | None,
                  scheduler=None):
         self.agent, self.role, self.domain = agent, role, domain
-        self.enabled = path is not None
         self._sink = TraceSink(path, scheduler) if path is not None else None
         self._bound: dict[str, Any] = {}
         self._head = ""
         self._set_head()
+
+    @property
+    def enabled(self) -> bool:
+        return self._sink is not None
 
     def _set_head(self) -> None:
         # '"agent": ..., "role": ..., "domain": ...' plus any bound fields,

@@ -188,28 +188,26 @@ def _send_corpus_message(lab, path: Path) -> str:
     return mid
 
 
+def _arrives_flagged(lab, kind: str, name: str, want: str) -> None:
+    """Send a held-out message through the lab; Bob's copy must say X-Spam-Flag: ``want``."""
+    from .live import header
+
+    mid = _send_corpus_message(lab, HELD_OUT / kind / name)
+    raw = lab.wait_for("bob@recipient.test", mid)
+    if raw is None:
+        raise Failed(f"the {kind} message did not arrive in bob's INBOX within 20 s")
+    if (header(raw, "X-Spam-Flag") or "").upper() != want:
+        raise Failed(f"X-Spam-Flag is {header(raw, 'X-Spam-Flag')!r}, score {header(raw, 'X-Spam-Score')!r}")
+
+
 @EXERCISE.live("in the lab, spam reaches the mailbox with X-Spam-Flag: YES",
                "Load your file at mta.recipient.test; the headers your hook adds are on top of the "
                "message in bob's INBOX.")
 def live_spam_flagged(lab, student):
-    from .live import header
-
-    mid = _send_corpus_message(lab, HELD_OUT / "spam" / "spam01.eml")
-    raw = lab.wait_for("bob@recipient.test", mid)
-    if raw is None:
-        raise Failed("the spam message did not arrive in bob's INBOX within 20 s")
-    if (header(raw, "X-Spam-Flag") or "").upper() != "YES":
-        raise Failed(f"X-Spam-Flag is {header(raw, 'X-Spam-Flag')!r}, score {header(raw, 'X-Spam-Score')!r}")
+    _arrives_flagged(lab, "spam", "spam01.eml", "YES")
 
 
 @EXERCISE.live("in the lab, ham reaches the mailbox with X-Spam-Flag: NO",
                "A normal message must be marked NO, not left unmarked or flagged.")
 def live_ham_not_flagged(lab, student):
-    from .live import header
-
-    mid = _send_corpus_message(lab, HELD_OUT / "ham" / "ham01.eml")
-    raw = lab.wait_for("bob@recipient.test", mid)
-    if raw is None:
-        raise Failed("the ham message did not arrive in bob's INBOX within 20 s")
-    if (header(raw, "X-Spam-Flag") or "").upper() != "NO":
-        raise Failed(f"X-Spam-Flag is {header(raw, 'X-Spam-Flag')!r}, score {header(raw, 'X-Spam-Score')!r}")
+    _arrives_flagged(lab, "ham", "ham01.eml", "NO")
