@@ -32,6 +32,7 @@ KIND_COLOURS = {
     "auth": "#c0392b",
     "smtp": "#4a90d9",
     "data": "#17becf",
+    "checks": "#bcbd22",
     "fsync": "#8c564b",
     "imap": "#e377c2",
 }
@@ -47,6 +48,7 @@ KIND_LABELS = {
     "auth": "AUTH (password check)",
     "smtp": "SMTP/LMTP session (client)",
     "data": "DATA (server)",
+    "checks": "sender checks: SPF, DKIM, DMARC",
     "fsync": "write + fsync before 250",
     "imap": "IMAP",
 }

@@ -44,7 +44,7 @@ from twisted.python import log
 from .headers import get_header
 from .smtpserver import Reply
 from .spool import QueuedMessage, Spool, new_queue_id
-from .trace import NULL_TRACER
+from .trace import NULL_TRACER, working_for
 
 
 #: Postfix's defaults (postconf(5)): minimal_backoff_time, maximal_backoff_time,
@@ -284,7 +284,9 @@ class DeliveryQueue:
                 attempt=item.attempts, rcpts=len(item.pending),
             )
             try:
-                outcomes = yield self.transport(item, content)
+                with working_for(queue_id=item.queue_id):  # its DNS lookups name it
+                    attempt = self.transport(item, content)
+                outcomes = yield attempt
             except Exception as e:  # the whole attempt failed: every recipient shares it
                 outcomes = outcomes_for_failure(item.pending, e)
             yield self._record(item, content, outcomes)

@@ -4,7 +4,8 @@ The resolver talks to the lab DNS server and to nothing else. Twisted's
 ``createResolver`` would mix in ``/etc/hosts`` and the system's name servers
 (see the project notes), so we build a bare ``client.Resolver`` with one
 server. Answers are cached for their TTL, as a real caching resolver does,
-and every query and answer is a trace event with its duration.
+and every query and answer is a trace event with its duration, tagged with
+the queue id or connection it was asked for (:func:`agents.trace.working_for`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from twisted.internet import defer
 from twisted.names import client, dns, error
 
-from .trace import NULL_TRACER
+from .trace import NULL_TRACER, work_fields
 
 
 class LookupFailed(Exception):
@@ -41,30 +42,32 @@ class LabResolver:
     @defer.inlineCallbacks
     def _lookup(self, qtype: str, name: str, method, extract):
         key = (qtype, name.lower())
+        tags = work_fields()  # read now: this generator keeps the caller's context
         cached = self._cache.get(key)
         if cached and cached[0] > self._now():
-            self.tracer.event("dns.answer", qtype=qtype, qname=name, answer=cached[1], cached=True, ms=0.0)
+            self.tracer.event("dns.answer", qtype=qtype, qname=name, answer=cached[1], cached=True, ms=0.0,
+                              **tags)
             return cached[1]
         started = time.perf_counter()
-        self.tracer.event("dns.query", qtype=qtype, qname=name)
+        self.tracer.event("dns.query", qtype=qtype, qname=name, **tags)
         try:
             answers, _authority, _additional = yield method(name)
         except error.DomainError:
             result, ttl = [], 60  # NXDOMAIN: the name does not exist
         except defer.TimeoutError:
-            self.tracer.event("dns.error", qtype=qtype, qname=name, reason="timeout")
+            self.tracer.event("dns.error", qtype=qtype, qname=name, reason="timeout", **tags)
             raise LookupFailed(name, qtype, "timeout", temporary=True)
         except error.DNSNameError:
             result, ttl = [], 60
         except Exception as e:  # SERVFAIL, refused, ...: try again later
-            self.tracer.event("dns.error", qtype=qtype, qname=name, reason=type(e).__name__)
+            self.tracer.event("dns.error", qtype=qtype, qname=name, reason=type(e).__name__, **tags)
             raise LookupFailed(name, qtype, type(e).__name__, temporary=True)
         else:
             wanted = [a for a in answers if a.type == getattr(dns, qtype)]
             result = extract(wanted)
             ttl = min([a.ttl for a in wanted] or [60])
         ms = (time.perf_counter() - started) * 1000
-        self.tracer.event("dns.answer", qtype=qtype, qname=name, answer=result, ms=round(ms, 3))
+        self.tracer.event("dns.answer", qtype=qtype, qname=name, answer=result, ms=round(ms, 3), **tags)
         self._cache[key] = (self._now() + ttl, result)
         return result
 

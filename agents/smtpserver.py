@@ -53,7 +53,7 @@ from agents.security import LoginBlocked, ThrottledPortal, routing_trick, tls_fa
 from agents.security import event as security_event
 from agents.net import no_delay
 from agents.tls import session_resumed
-from agents.trace import NULL_TRACER, Tracer
+from agents.trace import NULL_TRACER, Tracer, working_for
 
 _log = Logger()
 
@@ -583,7 +583,8 @@ class SMTPServer(smtp.ESMTP):
         hook = getattr(self.handler, name, None)
         if hook is None:
             return defer.succeed(None)
-        return defer.maybeDeferred(hook, *args)
+        with working_for(conn=self.session.conn_id):  # e.g. SPF's DNS lookups name this session
+            return defer.maybeDeferred(hook, *args)
 
     def _verdict(self, outcome: Any, hook: str, default: Reply | None) -> Reply | None:
         """Turn what a hook gave into a reply; anything odd becomes 451 4.3.0."""

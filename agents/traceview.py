@@ -254,12 +254,29 @@ def _upstream(index: _Index, arrivals: list[dict], b: dict) -> tuple[dict | None
     return a, (connected[-1]["conn"] if connected else None)
 
 
-def _dns_spans(index: _Index, agent: str, start: int, end: int) -> list[Span]:
-    """The DNS lookups ``agent`` made between ``start`` and ``end``."""
+def _dns_spans(index: _Index, agent: str, start: int, end: int, *, queue_id: str | None = None,
+               conn: str | None = None, untagged: bool = True, prefix: str = "") -> list[Span]:
+    """The DNS lookups ``agent`` made between ``start`` and ``end`` for this work.
+
+    A lookup tagged with the queue id or connection it was made for
+    (:func:`agents.trace.working_for`) counts only for that one: with ten
+    messages in flight, their lookups interleave in time. An untagged one
+    (from an older trace, or the MUA's own) counts by time alone, unless
+    ``untagged`` is false.
+    """
+
+    def ours(e: dict) -> bool:
+        if e.get("queue_id") is None and e.get("conn") is None:
+            return untagged
+        return ((queue_id is not None and e.get("queue_id") == queue_id)
+                or (conn is not None and e.get("conn") == conn))
+
     spans, used = [], set()
-    queries = index.of_agent(agent, ("dns.query",), start, end)
+    queries = [q for q in index.of_agent(agent, ("dns.query",), start, end) if ours(q)]
     for answer in index.of_agent(agent, ("dns.answer", "dns.error"), start, end):
-        what = f"DNS {answer.get('qtype')} {answer.get('qname')}"
+        if not ours(answer):
+            continue
+        what = f"{prefix}DNS {answer.get('qtype')} {answer.get('qname')}"
         if answer.get("cached"):
             spans.append(Span(what + " (cached)", "dns", agent, answer["ts"], answer["ts"]))
             continue
@@ -342,7 +359,7 @@ def _relay_spans(index: _Index, a: dict, b: dict, client_conn: str | None,
                  if e["event"] == "line" and e["dir"] == "C" and e["line"].upper().startswith("MAIL FROM")
                  and e["ts"] <= dns_until]
         session_start = mails[-1]["ts"] if mails else None
-    spans += _dns_spans(index, agent, window_start, dns_until)
+    spans += _dns_spans(index, agent, window_start, dns_until, queue_id=a.get("queue_id"))
     spans += _pair(index, client_conn, "tls.start", "tls.done", "TLS handshake (client)", "tls", agent)
     if session_start is not None and handoff:
         done = index.on_conn(client_conn, "relay.done", handoff[0]["ts"])
@@ -358,14 +375,27 @@ def _relay_spans(index: _Index, a: dict, b: dict, client_conn: str | None,
         if results:
             spans.append(Span("AUTH (password check)", "auth", server, auth_lines[-1]["ts"],
                               results[0]["ts"], server_conn))
+    # The receiver's own lookups for this transaction: SPF, DKIM and DMARC
+    # ask the DNS while the client waits for the reply to MAIL or to the dot.
+    mails = index.on_conn(server_conn, "smtp.mail", before=b["ts"])
+    if mails and server_conn is not None:
+        spans += _dns_spans(index, server, mails[-1]["ts"], b["ts"], conn=server_conn, untagged=False,
+                            prefix="receiver's ")
     data_starts = index.on_conn(server_conn, "smtp.data.start", before=b["ts"])
     if data_starts:
         data_ends = index.on_conn(server_conn, "smtp.data.end", data_starts[-1]["ts"], b["ts"])
         if data_ends:
+            received = data_ends[0]["ts"]
             spans.append(Span("DATA received (server)", "data", server, data_starts[-1]["ts"],
-                              data_ends[0]["ts"], server_conn))
+                              received, server_conn))
+            # A receiving MTA checks the sender (SPF, DKIM, DMARC) before it spools.
+            verdicts = index.on_conn(server_conn, "senderauth.verdict", received, b["ts"])
+            if verdicts:
+                spans.append(Span("sender checks: SPF, DKIM, DMARC", "checks", server, received,
+                                  verdicts[0]["ts"], server_conn))
+                received = verdicts[0]["ts"]
             write = "Maildir write + fsync" if b["event"] == "stored" else "spool write + fsync"
-            spans.append(Span(write, "fsync", server, data_ends[0]["ts"], b["ts"], server_conn))
+            spans.append(Span(write, "fsync", server, received, b["ts"], server_conn))
     # A span that began before the message reached the sender belongs to
     # earlier mail on the same connection.
     return [s for s in spans if s.start_us >= a["ts"]]

@@ -82,3 +82,36 @@ def test_odd_values_still_make_valid_json(tmp_path):
     assert x["ok"] is True and x["ratio"] == 0.5 and x["hosts"] == ["a", "b"]
     assert x["path"] == "/tmp/q" and x["nested"] == {"k": 1}
     assert "conn" not in line and line["peer"] == ["127.0.0.1", 25]
+
+
+def test_working_for_tags_lookups_across_yields_and_not_beyond(tmp_path):
+    """A lookup started inside ``working_for`` keeps the tag when its answer comes
+    later, from outside the block; one started after the block has none."""
+    from twisted.internet import defer
+    from twisted.names import dns
+
+    from agents.resolver import LabResolver
+    from agents.trace import work_fields, working_for
+
+    tracer = Tracer(tmp_path / "t.jsonl", "mta.x.test", "mta", "x.test")
+    resolver = LabResolver(("127.0.0.1", 53), reactor=task.Clock(), tracer=tracer)
+    answers = []
+
+    def lookup_mx(name):
+        answers.append(defer.Deferred())
+        return answers[-1]
+
+    resolver._resolver.lookupMailExchange = lookup_mx
+    with working_for(queue_id="Q1"):
+        with working_for(conn="c7"):
+            assert work_fields() == {"queue_id": "Q1", "conn": "c7"}
+        first = resolver.lookup_mx("a.test")
+    assert work_fields() == {}
+    second = resolver.lookup_mx("b.test")
+    for d, name in zip(answers, ("a.test", "b.test")):
+        record = dns.RRHeader(name=name, type=dns.MX, ttl=60, payload=dns.Record_MX(10, f"mx.{name}"))
+        d.callback(([record], [], []))  # as the reactor would, outside any block
+    assert first.result == [(10, "mx.a.test")] and second.result == [(10, "mx.b.test")]
+    events = [(e["event"], e["qname"], e.get("queue_id")) for e in lines(tmp_path / "t.jsonl")]
+    assert events == [("dns.query", "a.test", "Q1"), ("dns.query", "b.test", None),
+                      ("dns.answer", "a.test", "Q1"), ("dns.answer", "b.test", None)]

@@ -214,6 +214,46 @@ def test_a_cached_connection_opened_before_its_message_is_known():
     assert spans_of(journey(events, MID).hops[1])["TCP connect"] == (16, 1)
 
 
+def test_dns_lookups_join_the_message_they_were_made_for():
+    """Ten messages in flight interleave their lookups: the tags, not the clock, decide.
+
+    The sending MSA tags a lookup with the queue id of the attempt
+    (``working_for(queue_id=...)``), the receiving MTA with the connection
+    whose policy check asked (``working_for(conn=...)``).
+    """
+    events = hand_made_trace()
+    for e in events:
+        if e["event"].startswith("dns.") and e["agent"] == MSA:
+            e["queue_id"] = "Q1"
+    events += [
+        # Another message's relay lookups, in the middle of this one's window.
+        ev(15.2, MSA, "dns.query", qtype="A", qname="mx.other.test", queue_id="Q7"),
+        ev(15.3, MSA, "dns.answer", qtype="A", qname="mx.other.test", queue_id="Q7", ms=0.1),
+        ev(15.9, MSA, "dns.answer", qtype="MX", qname="other.test", queue_id="Q7", cached=True, ms=0.0),
+        # The receiver's SPF lookup for this transaction, and one for a session next door.
+        ev(17.5, MTA, "smtp.mail", conn="mta/1/1"),
+        ev(17.6, MTA, "dns.query", qtype="TXT", qname="sender.test", conn="mta/1/1"),
+        ev(17.9, MTA, "dns.answer", qtype="TXT", qname="sender.test", conn="mta/1/1", ms=0.3),
+        ev(18.2, MTA, "dns.answer", qtype="TXT", qname="other.test", conn="mta/1/9", cached=True, ms=0.0),
+        ev(18.3, MTA, "dns.answer", qtype="TXT", qname="untagged.test", cached=True, ms=0.0),
+        # Its verdict, after DATA ended at 19: the checks are their own step before the spool write.
+        ev(20.2, MTA, "senderauth.verdict", conn="mta/1/1", dmarc="pass"),
+    ]
+    events.sort(key=lambda e: e["ts"])
+    trip = journey(events, MID)
+    relay = spans_of(trip.hops[1])
+    dns = sorted(name for name in relay if "DNS" in name)
+    assert dns == ["DNS A mx.sender.test", "DNS MX sender.test (cached)",
+                   "receiver's DNS TXT sender.test"]
+    assert relay["receiver's DNS TXT sender.test"] == (17.6, 0.3)
+    assert relay["sender checks: SPF, DKIM, DMARC"] == (19, 1.2)
+    assert relay["spool write + fsync"] == (20.2, 0.8)
+    # The joined events hold this message's lookups and none of the others'.
+    names = {e.get("qname") for e in trip.events if e["event"].startswith("dns.")}
+    assert "other.test" not in names and "mx.other.test" not in names
+    assert {"mx.sender.test", "sender.test"} <= names
+
+
 def test_transcripts():
     events = hand_made_trace()
     lines = transcript(events, "msa/1/1")
@@ -332,6 +372,27 @@ def test_real_journey_has_every_hop_in_order(traced):
         assert all(e.get("message_id") in (None, trip.message_id) for e in trip.events)
     arrivals = [e for e in events if e["event"] in ("spooled", "stored") and e.get("message_id") in ids]
     assert arrivals and all(e.get("conn") for e in arrivals)
+
+
+def test_real_dns_lookups_are_tagged_with_their_message_or_session(traced):
+    """The relay's MX and A lookups name their queue id; the receiver's SPF, DKIM
+    and DMARC lookups name the session whose check asked (agents.trace.working_for)."""
+    _lab, ids, events = traced
+    for mid in ids:
+        trip = journey(events, mid)
+        relay = trip.hops[2]  # mta.sender.test -> mta.recipient.test, by MX
+        spooled = next(e for e in events if e["event"] == "spooled" and e.get("message_id") == mid
+                       and e["agent"] == relay.sender)
+        own = [e for e in events if e["agent"] == relay.sender and e["event"] == "dns.answer"
+               and e.get("queue_id") == spooled["queue_id"]]
+        assert {"MX", "A"} <= {e["qtype"] for e in own}
+        receiver = [e for e in events if e["agent"] == relay.receiver and e["event"] == "dns.answer"
+                    and e.get("conn") == relay.server_conn]
+        assert "TXT" in {e["qtype"] for e in receiver}  # SPF and DMARC at least
+        names = [s.name for s in relay.spans]
+        assert any(n.startswith("DNS MX recipient.test") for n in names), names
+        assert any(n.startswith("receiver's DNS TXT") for n in names), names
+        assert names.index("sender checks: SPF, DKIM, DMARC") < names.index("spool write + fsync")
 
 
 def test_real_waterfall_and_sequence_pictures(traced):
