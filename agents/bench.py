@@ -5,13 +5,24 @@ one submission session open (STARTTLS and AUTH once, then one transaction per
 message, as a real client sending a batch does) and send their share of
 ``--messages`` from alice@sender.test to bob@recipient.test. Meanwhile a
 reader sits in IMAP IDLE as Bob and notes the moment each message becomes
-visible to him. Each submitter sends its next message only when its previous
-one is visible (a *closed loop*): ``--concurrency`` is the number of messages
-in flight, and with 1 the latency is that of one message through an idle
-pipeline. A message's *end-to-end latency* runs from the start of its
+visible to him. A message's *end-to-end latency* runs from the start of its
 submission to that moment; *throughput* is messages over the time from the
 first submission to the last arrival. The trace then says how long each hop
 took (see :mod:`agents.journey`).
+
+Two ways to load the pipeline, and what each measures:
+
+- **closed loop** (the default): each submitter sends its next message only
+  when its previous one is visible. ``--concurrency`` is the number of
+  messages in flight, and with 1 the latency is that of one message through
+  an idle pipeline. Little's law ties the figures together: throughput =
+  messages in flight / latency, so this mode reports how fast mail moves
+  *when the senders wait for it*.
+- **open loop** (``--open-loop``): each submitter sends its next message as
+  soon as the MSA has said 250, as ``smtp-source -s 10`` does. Mail piles up
+  in front of the slowest hop, whose rate is then the throughput: the
+  pipeline's *capacity*. The latencies now mostly measure that pile (they
+  grow with ``--messages``), so read them as queueing, not as speed.
 
 Speed is measured here, never asserted in tests: the numbers depend on the
 machine.
@@ -48,12 +59,13 @@ class BenchResult:
     hop_p50_ms: dict = field(default_factory=dict)
     lost: list = field(default_factory=list)
     samples: list = field(default_factory=list)  # (start_us, visible_us) per message
+    loop: str = "closed"  # or "open": see the module's docstring
 
     def table(self) -> str:
         lat = self.latency_ms
         lines = [
             f"messages        {self.delivered}/{self.messages} delivered "
-            f"({self.concurrency} concurrent submitters, {self.size} bytes each)",
+            f"({self.concurrency} concurrent submitters, {self.loop} loop, {self.size} bytes each)",
             f"throughput      {self.throughput:8.1f} msg/s end to end ({self.seconds:.2f} s)",
             f"latency (ms)    p50 {lat['p50']:7.1f}   p90 {lat['p90']:7.1f}   "
             f"p99 {lat['p99']:7.1f}   max {lat['max']:7.1f}",
@@ -164,9 +176,17 @@ class Arrivals:
             self.client._end_idle()
 
 
+def _until(reactor, deadline: float, waits: list[defer.Deferred]) -> defer.Deferred:
+    """Fires when every one of ``waits`` has, or at ``deadline`` (time.monotonic) at the latest."""
+    everything = defer.DeferredList(waits, consumeErrors=True)
+    timer = reactor.callLater(max(0.0, deadline - time.monotonic()), everything.cancel)
+    everything.addBoth(lambda _: timer.cancel() if timer.active() else None)
+    return everything
+
+
 @defer.inlineCallbacks
 def run_bench(reactor, home: LabHome, config: LabConfig, messages: int, concurrency: int,
-              size: int, timeout: float, show_progress: bool = True):
+              size: int, timeout: float, show_progress: bool = True, open_loop: bool = False):
     sender, rcpt = "alice@sender.test", "bob@recipient.test"
     run_id = uuid.uuid4().hex[:8]
     ids = [f"<bench-{run_id}-{i}@sender.test>" for i in range(messages)]
@@ -186,6 +206,7 @@ def run_bench(reactor, home: LabHome, config: LabConfig, messages: int, concurre
     starts: dict[str, int] = {}
     todo = list(ids)
     errors: list[str] = []
+    failed: set[str] = set()
 
     @defer.inlineCallbacks
     def submitter():
@@ -199,7 +220,10 @@ def run_bench(reactor, home: LabHome, config: LabConfig, messages: int, concurre
                     yield session.send(sender, [rcpt], contents.pop(mid))
                 except Exception as e:  # noqa: BLE001 - record and go on
                     errors.append(f"{mid}: {e}")
+                    failed.add(mid)
                     continue
+                if open_loop:
+                    continue  # the next message goes as soon as this one is accepted
                 # Closed loop: the next message goes once this one is visible.
                 arrived = arrivals.arrival(mid)
                 timer = reactor.callLater(max(0.0, deadline - time.monotonic()), arrived.cancel)
@@ -219,6 +243,8 @@ def run_bench(reactor, home: LabHome, config: LabConfig, messages: int, concurre
     waiting = arrivals.wait_all(deadline)
     try:
         yield submitters
+        if open_loop:  # every accepted message is on its way: wait for them all
+            yield _until(reactor, deadline, [arrivals.arrival(m) for m in starts if m not in failed])
     finally:
         arrivals.finish()
     yield waiting
@@ -239,7 +265,7 @@ def run_bench(reactor, home: LabHome, config: LabConfig, messages: int, concurre
         latency_ms={"p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
                     "p99": percentile(latencies, 99), "max": max(latencies, default=float("nan"))},
         lost=[m for m in ids if m not in arrivals.visible] + errors,
-        samples=samples,
+        samples=samples, loop="open" if open_loop else "closed",
     ), ids
 
 
@@ -276,6 +302,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--size", type=int, default=2048, help="body size in bytes")
+    parser.add_argument("--open-loop", action="store_true",
+                        help="send each next message as soon as the last is accepted (capacity), "
+                             "not once it is visible (latency under load)")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON ('-' for stdout)")
     parser.add_argument("--plot", metavar="FILE.png", help="draw latency and throughput plots")
@@ -297,7 +326,7 @@ def run(args) -> int:
     config = LabConfig.load(home.config_file)
     outcome = run_reactor(lambda reactor: run_bench(
         reactor, home, config, args.messages, args.concurrency, args.size, args.timeout,
-        show_progress=not args.no_progress))
+        show_progress=not args.no_progress, open_loop=args.open_loop))
     if isinstance(outcome, BaseException):
         print(f"mailpipe bench: {outcome}", file=sys.stderr)
         return 1

@@ -211,8 +211,9 @@ class MaildirMessage(MimePart):
 
     def raw(self) -> bytes:
         if self._raw is None:
-            path = self._mailbox.maildir.find(self._file.key) or self._file.path
-            self._raw = path.read_bytes()
+            path = self._mailbox.maildir.find(self._file.key) or self._file.location
+            with open(path, "rb") as f:
+                self._raw = f.read()
         return self._raw
 
     def open(self):
@@ -226,7 +227,7 @@ class MaildirMessage(MimePart):
 
     def getInternalDate(self):
         """The delivery time, which Maildir keeps as the file's mtime."""
-        path = self._mailbox.maildir.find(self._file.key) or self._file.path
+        path = self._mailbox.maildir.find(self._file.key) or self._file.location
         return email.utils.formatdate(os.stat(path).st_mtime, usegmt=True)
 
     def message_id(self) -> str | None:
@@ -342,17 +343,39 @@ class MaildirMailbox:
                 listener.newMessages(len(self._uids), self.getRecentCount())
 
     def _append_delivered(self, key: str) -> bool:
-        """Add one just-delivered message to the view without rescanning the folder.
+        """Add just-delivered mail to the view without rescanning the folder.
 
-        The store tells us its UID; if it is above everything we show, the
-        message goes at the end (and, in a read-write session, is claimed as
-        \\Recent by moving it to ``cur/``). Anything unusual (an unknown
-        UID, a gap we cannot explain) falls back to a full scan.
+        The store tells us the message's UID; if it is above everything we
+        show, the message goes at the end (and, in a read-write session, is
+        claimed as \\Recent by moving it to ``cur/``). Deliveries run in
+        parallel threads, so the notice for UID 11 may come before the one
+        for UID 10: then 10 and 11 are shown together, in UID order, with 10's
+        key taken from the UID list (sequence numbers must follow UIDs, RFC
+        3501 2.3.1.1), and 10's own notice later finds it shown. Anything
+        else unusual falls back to a full scan, which costs time in
+        proportion to the folder's size.
         """
         uid = self.mail_store.delivered_uid(self.address, self.folder, key)
-        highest = self._uids[-1] if self._uids else 0
-        if uid is None or uid <= highest or uid != self._uid_next:
+        if uid is None:
             return False
+        if uid in self._files:
+            return True  # shown already, with a later UID's notice
+        highest = self._uids[-1] if self._uids else 0
+        if uid <= highest or uid < self._uid_next:
+            return False
+        keys = {uid: key}
+        if uid > self._uid_next:
+            earlier = self.maildir.keys_of(range(self._uid_next, uid))
+            if earlier is None:
+                return False
+            keys.update(earlier)
+        for new_uid in sorted(keys):
+            if not self._show_new(new_uid, keys[new_uid]):
+                return False  # the scan takes it from here; what we showed stays right
+        return True
+
+    def _show_new(self, uid: int, key: str) -> bool:
+        """Append one message of ``new/`` to the view (claiming it if read-write)."""
         path = self.maildir.path / "new" / key
         if self.writeable:
             claimed = self.maildir.path / "cur" / (key + format_info(""))
@@ -361,9 +384,11 @@ class MaildirMailbox:
             except OSError:
                 return False
             path = claimed
+        elif not os.path.exists(path):
+            return False
         self._uids.append(uid)
-        self._files[uid] = MessageFile(uid, key, path)
-        self.maildir._where[key] = path  # so FETCH finds it without listing the folder
+        self._files[uid] = MessageFile(uid, key, str(path))
+        self.maildir._where[key] = str(path)  # so FETCH finds it without listing the folder
         self._recent.add(uid)
         self._uid_next = uid + 1
         return True
@@ -528,7 +553,7 @@ class MaildirMailbox:
             path = self.maildir.set_flags(file.key, "".join(sorted(wanted)))
             if path is None:
                 continue
-            self._files[message_uid] = MessageFile(message_uid, file.key, path)
+            self._files[message_uid] = MessageFile(message_uid, file.key, str(path))
             changed[seq] = self.flags_of(message_uid)
         return changed
 

@@ -37,7 +37,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from twisted.internet import threads
 from twisted.python import log
@@ -143,20 +143,29 @@ def split_filename(filename: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class MessageFile:
-    """One message as found on disk, with its IMAP UID."""
+    """One message as found on disk, with its IMAP UID.
+
+    ``location`` is the file's path as a plain string: a scan of a big
+    folder makes one of these per message, and a ``Path`` costs several
+    times more to build than the string the directory listing already gave.
+    """
 
     uid: int
     key: str
-    path: Path
+    location: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
 
     @property
     def flags(self) -> str:
         """Maildir flag letters, e.g. ``"RS"``; messages in ``new/`` have none."""
-        return split_filename(self.path.name)[1] if not self.is_new else ""
+        return split_filename(os.path.basename(self.location))[1] if not self.is_new else ""
 
     @property
     def is_new(self) -> bool:
-        return self.path.parent.name == "new"
+        return os.path.basename(os.path.dirname(self.location)) == "new"
 
 
 @dataclass(frozen=True)
@@ -179,6 +188,7 @@ class _UidList:
 
     def __init__(self, validity: int, uid_next: int, uids: dict[str, int]):
         self.validity, self.uid_next, self.uids = validity, uid_next, uids
+        self.keys = {uid: key for key, uid in uids.items()}  # the other way round
 
     @classmethod
     def fresh(cls) -> "_UidList":
@@ -203,8 +213,12 @@ class _UidList:
         uid = self.uids.get(key)
         if uid is None:
             uid = self.uids[key] = self.uid_next
+            self.keys[uid] = key
             self.uid_next += 1
         return uid
+
+    def forget(self, key: str) -> None:
+        self.keys.pop(self.uids.pop(key), None)
 
     def render(self) -> bytes:
         lines = [f"3 V{self.validity} N{self.uid_next}"]
@@ -237,7 +251,7 @@ class Maildir:
         self._lock_path = self.path / (UIDLIST_NAME + ".lock")
         # key -> current file; refreshed by every scan, used to find a file
         # whose name changed because another session changed its flags.
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, str] = {}
 
     # -- delivery -----------------------------------------------------------
 
@@ -296,18 +310,18 @@ class Maildir:
                     uidlist.assign(key)
                     changed = True
             for key in [k for k in uidlist.uids if k not in files]:
-                del uidlist.uids[key]
+                uidlist.forget(key)
                 changed = True
             if changed:
                 self._write_uidlist(uidlist)
             claimed = set()
             if claim_new:
                 for key, path in files.items():
-                    if path.parent.name == "new":
+                    if os.path.basename(os.path.dirname(path)) == "new":
                         try:
-                            files[key] = self._rename(
+                            files[key] = str(self._rename(
                                 path, self.path / "cur" / (key + format_info(""))
-                            )
+                            ))
                             claimed.add(key)
                         except FileNotFoundError:
                             pass
@@ -322,13 +336,27 @@ class Maildir:
             )
             return Snapshot(uidlist.validity, uidlist.uid_next, messages, frozenset(claimed))
 
+    def keys_of(self, uids: Iterable[int]) -> dict[int, str] | None:
+        """The keys of these UIDs, from the UID list as this process last saw it.
+
+        For the reactor thread: no lock and no disk, only what a delivery or
+        scan of this process put in memory (a delivery thread may be adding
+        to it meanwhile; a lookup is safe under the GIL). None if one of the
+        UIDs is not known there; the caller then scans.
+        """
+        cached = self._uidlist_cache.get(self._uidlist_path)
+        if cached is None:
+            return None
+        keys = {uid: cached[1].keys.get(uid) for uid in uids}
+        return None if None in keys.values() else keys
+
     def find(self, key: str) -> Path | None:
         """The current file of a message, or None once it has been deleted."""
         path = self._where.get(key)
-        if path is not None and path.exists():
-            return path
-        self._where = self._list_files()
-        return self._where.get(key)
+        if path is None or not os.path.exists(path):
+            self._where = self._list_files()
+            path = self._where.get(key)
+        return Path(path) if path is not None else None
 
     def set_flags(self, key: str, letters: str) -> Path | None:
         """Rename the message to carry exactly these flags (moving it to ``cur/``)."""
@@ -341,7 +369,7 @@ class Maildir:
                 self._rename(path, target)
             except FileNotFoundError:
                 return None
-        self._where[key] = target
+        self._where[key] = str(target)
         return target
 
     def add_flags(self, key: str, letters: str) -> Path | None:
@@ -367,14 +395,15 @@ class Maildir:
 
     # -- internals ----------------------------------------------------------
 
-    def _list_files(self) -> dict[str, Path]:
-        files: dict[str, Path] = {}
+    def _list_files(self) -> dict[str, str]:
+        """Every message file in ``new/`` and ``cur/``: key -> path (a string, see MessageFile)."""
+        files: dict[str, str] = {}
         for sub in ("new", "cur"):
             with os.scandir(self.path / sub) as entries:
                 for entry in entries:
                     if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
                         continue
-                    files[split_filename(entry.name)[0]] = Path(entry.path)
+                    files[split_filename(entry.name)[0]] = entry.path
         return files
 
     def _rename(self, src: Path, dst: Path) -> Path:

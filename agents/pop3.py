@@ -19,6 +19,7 @@ Twisted's ``POP3`` runs the command loop; this module adds what it lacks:
 from __future__ import annotations
 
 import io
+import os
 import re
 
 from twisted.cred import error as cred_error
@@ -98,7 +99,7 @@ class POP3Maildrop:
         self._sizes = []
         for message in self._messages:
             try:
-                self._sizes.append(message.path.stat().st_size)
+                self._sizes.append(os.stat(message.location).st_size)
             except FileNotFoundError:
                 self._sizes.append(0)
         self._deleted: set[int] = set()

@@ -178,6 +178,41 @@ def test_idle_hears_new_mail_at_once(client):
     assert b"UID 2" in reply and b"<m1@lab.test>" in reply
 
 
+def test_notices_out_of_uid_order_show_mail_in_order_without_a_rescan(client, monkeypatch):
+    """Two deliveries in parallel threads: UID 3's notice comes before UID 2's.
+    The session in IDLE shows both at once, in UID order, from the UID list;
+    no folder rescan (it costs time in proportion to the folder's size)."""
+    from agents.maildir import Maildir
+
+    client.deliver()
+    client.login()
+    client.send(b"s SELECT INBOX")
+    assert client.send(b"i IDLE") == b"+ idling\r\n"
+    notices = []
+
+    def thread_done_but_notice_late(f, *args, **kwargs):
+        result = f(*args, **kwargs)  # on disk, UID given...
+        notices.append((defer.Deferred(), result))
+        return notices[-1][0]  # ...but the reactor hears of it when we say
+
+    client.store._run_in_thread = thread_done_but_notice_late
+    scans = []
+    real_scan = Maildir.scan
+    monkeypatch.setattr(Maildir, "scan", lambda self, *a, **kw: scans.append(1) or real_scan(self, *a, **kw))
+    client.deliver(MESSAGE.replace(b"lunch", b"second"))
+    client.deliver(MESSAGE.replace(b"lunch", b"third"))
+    (first, first_result), (second, second_result) = notices
+    second.callback(second_result)
+    assert client.take() == b"* 3 EXISTS\r\n* 3 RECENT\r\n"
+    first.callback(first_result)
+    assert client.take() == b""  # shown already
+    assert scans == []
+    assert client.send(b"DONE") == b"i OK IDLE terminated\r\n"
+    reply = client.send(b"f FETCH 2:3 (UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert reply.index(b"* 2 FETCH (UID 2") < reply.index(b"second") < reply.index(b"* 3 FETCH (UID 3") \
+        < reply.index(b"third"), reply
+
+
 def test_other_sessions_expunge_is_reported_at_noop(client, tmp_path):
     client.deliver()
     client.deliver()
