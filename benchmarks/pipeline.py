@@ -8,10 +8,15 @@ and measures with ``mailpipe bench``:
 
 1. **one at a time**: ``--single`` messages, concurrency 1. These are the
    latency targets: p50 < 25 ms and p99 < 60 ms;
-2. **sustained**: ``--messages`` messages from ``--concurrency`` submitters.
-   This is the throughput target: 300 msg/s with 10 submitters. It also
-   measures the CPU time each agent spent, read from ``/proc`` before and
-   after, per message.
+2. **sustained**: ``--messages`` messages from ``--concurrency`` submitters,
+   each waiting until its last message is visible before it sends the next
+   (closed loop). This is the throughput target: 300 msg/s with 10
+   submitters. It also measures the CPU time each agent spent, read from
+   ``/proc`` before and after, per message;
+3. **capacity**: the same again with ``--open-loop``: each submitter sends as
+   soon as the MSA says 250, as ``smtp-source`` does, so mail piles up in
+   front of the slowest hop and the throughput is that hop's rate. Its
+   latencies measure the pile, not the speed. ``--no-capacity`` skips it.
 
 Then the lab goes down. Every message is submitted with STARTTLS+AUTH,
 relayed by MX with DKIM, SPF and DMARC, delivered over LMTP into a Maildir
@@ -53,13 +58,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def bench(lab: Lab, messages: int, concurrency: int, size: int) -> dict:
+def bench(lab: Lab, messages: int, concurrency: int, size: int, open_loop: bool = False) -> dict:
     """One ``mailpipe bench`` run against ``lab``; its JSON figures."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         run = subprocess.run(
             [sys.executable, "-m", "agents.cli", "--home", str(lab.home.root), "bench",
              "--messages", str(messages), "--concurrency", str(concurrency), "--size", str(size),
-             "--no-progress", "--json", out.name],
+             "--no-progress", "--json", out.name, *(["--open-loop"] if open_loop else [])],
             capture_output=True, text=True, timeout=120 + messages,
         )
         if run.returncode not in (0, 2):  # 2: some messages were lost; the figures say which
@@ -83,25 +88,28 @@ def one_lab(args, trace: bool, subnet: int) -> dict:
         wall = time.monotonic() - started
         cpu_ms = {name: round((cpu_seconds(pid) - before[name]) * 1000 / args.messages, 2)
                   for name, pid in pids.items()}
+        capacity = None if args.no_capacity else bench(lab, args.messages, args.concurrency, args.size,
+                                                         open_loop=True)
     finally:
         lab.down()
         if not args.keep:
             shutil.rmtree(home, ignore_errors=True)
-    return {"trace": trace, "single": single, "sustained": sustained,
+    return {"trace": trace, "single": single, "sustained": sustained, "capacity": capacity,
             "cpu_ms_per_message": cpu_ms, "sustained_wall_s": round(wall, 2),
             "home": str(home) if args.keep else None}
 
 
 def summary(rows: list[dict]) -> str:
     out = [f"{'trace':<6} {'1 at a time p50/p99 ms':>23} {'msg/s':>8} {'p50/p99 ms':>15} "
-           f"{'agents CPU ms/msg':>18} {'lost':>5}"]
+           f"{'agents CPU ms/msg':>18} {'open loop msg/s':>16} {'lost':>5}"]
     for r in rows:
-        s, m = r["single"]["latency_ms"], r["sustained"]
-        lost = len(r["single"]["lost"]) + len(m["lost"])
+        s, m, c = r["single"]["latency_ms"], r["sustained"], r.get("capacity")
+        lost = len(r["single"]["lost"]) + len(m["lost"]) + (len(c["lost"]) if c else 0)
         out.append(
             f"{'on' if r['trace'] else 'off':<6} {s['p50']:>11.1f} / {s['p99']:<9.1f} "
             f"{m['throughput']:>8.1f} {m['latency_ms']['p50']:>7.1f} / {m['latency_ms']['p99']:<6.1f} "
-            f"{sum(r['cpu_ms_per_message'].values()):>18.2f} {lost:>5}"
+            f"{sum(r['cpu_ms_per_message'].values()):>18.2f} "
+            f"{(format(c['throughput'], '.1f') if c else '-'):>16} {lost:>5}"
         )
     out.append("CPU per message, by agent (last run of each setting):")
     for r in {row["trace"]: row for row in rows}.values():
@@ -121,6 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--subnet", type=int, default=120, help="labs run on 127.SUBNET.x.y (and up)")
     p.add_argument("--json", metavar="FILE", help="write every run's figures")
     p.add_argument("--keep", action="store_true", help="keep each lab's home (trace, Maildirs)")
+    p.add_argument("--no-capacity", action="store_true", help="skip the open-loop run")
     args = p.parse_args(argv)
 
     settings = {"on": [True], "off": [False], "both": [True, False]}[args.trace]
@@ -134,7 +143,8 @@ def main(argv=None) -> int:
     print(summary(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    return 0 if all(not r["single"]["lost"] and not r["sustained"]["lost"] for r in rows) else 2
+    return 0 if all(not r["single"]["lost"] and not r["sustained"]["lost"]
+                    and not (r["capacity"] or {}).get("lost") for r in rows) else 2
 
 
 if __name__ == "__main__":

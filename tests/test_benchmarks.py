@@ -25,6 +25,8 @@ def test_pipeline_benchmark_runs_a_fresh_lab_and_reports(tmp_path):
     assert row["trace"] is True and row["home"] is None  # the lab's home was removed
     assert row["single"]["delivered"] == 4 and row["single"]["concurrency"] == 1
     assert row["sustained"]["delivered"] == 12 and row["sustained"]["concurrency"] == 3
+    assert row["sustained"]["loop"] == "closed"
+    assert row["capacity"]["delivered"] == 12 and row["capacity"]["loop"] == "open"
     assert set(row["cpu_ms_per_message"]) == {
         "msa.sender.test", "mta.sender.test", "mta.recipient.test", "mda.recipient.test"}
     assert all(ms > 0 for ms in row["cpu_ms_per_message"].values())
