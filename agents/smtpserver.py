@@ -14,6 +14,9 @@ formatting) but replaces the parts that are known to be unsafe in Twisted
   never leaves the message before ``<CRLF>.<CRLF>`` (RFC 5321 4.1.1.4), even
   when the message is already known to be bad. That closes the
   "over-long line drops back to command mode" desync and SMTP smuggling.
+* **BDAT** (CHUNKING, RFC 3030), which Twisted lacks: :class:`ChunkReader`
+  takes exactly the octets each ``BDAT <size>`` announces, also when the
+  command is refused, so the session stays in step.
 * **Abuse** (:mod:`agents.security`): with ``ServerPolicy.login_throttle`` a
   failed AUTH is answered ever later and, past the limit, with ``421 4.7.0``
   and a hang-up; sender-chosen routing in RCPT (``<@relay:user@elsewhere>``,
@@ -199,6 +202,9 @@ class ServerPolicy:
     # agents.security.LoginThrottle: failed AUTH is answered ever later, then
     # 421 4.7.0 and a disconnect. One per agent process, shared by its listeners.
     login_throttle: Any = None
+    # RFC 3030: offer CHUNKING, so a client can send BDAT <size> LAST and the
+    # message in the same write as MAIL and RCPT: one round trip, not three.
+    chunking: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.auth_mechanisms) - set(_MECHANISMS)
@@ -247,6 +253,7 @@ _PATH_ARG = rb'[ \t]*<(?P<path>(?:"(?:[^"\\]|\\.)*"|[^<>"])*)>(?:[ \t]+(?P<param
 _MAIL_ARG = re.compile(rb"FROM:" + _PATH_ARG, re.I)
 _RCPT_ARG = re.compile(rb"TO:" + _PATH_ARG, re.I)
 _HELO_NAME = re.compile(rb"[\x21-\x7e]{1,255}\Z")
+_BDAT_ARG = re.compile(rb"(\d{1,20})(?:[ \t]+(LAST))?", re.I)
 _PARAM = re.compile(rb"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
 
 
@@ -297,7 +304,71 @@ class DataState(enum.Enum):
     BAD_NEWLINE = "bad_newline"  # bare CR or LF (RFC 5321 2.3.8)
 
 
-class MessageReader:
+class _MessageBuffer:
+    """What both readers share: the message so far, its size, the first fault."""
+
+    chunks: int | None = None  # BDAT chunks read (None: the message came by DATA)
+
+    def __init__(self, max_size: int, max_line: int):
+        self.max_size, self.max_line = max_size, max_line
+        self.state = DataState.NOMINAL
+        self.size = 0  # octets of the message seen so far
+        self._parts: list[bytes] = []
+
+    def _fail(self, state: DataState) -> None:
+        self.state = state
+        self._parts = []  # keep nothing we are going to refuse
+
+    def content(self) -> bytes:
+        return b"".join(self._parts)
+
+    def rejection(self) -> Reply | None:
+        """The reply for a faulty message, or None if it was fine."""
+        return _DATA_REJECTIONS.get(self.state)
+
+
+class ChunkReader(_MessageBuffer):
+    """Reads one message sent in BDAT chunks (RFC 3030 2), exactly as sent.
+
+    No dot-stuffing and no end-of-data line: each ``BDAT <size>`` says where
+    its chunk ends, so ``<CRLF>.<CRLF>`` is just text and the SMTP
+    smuggling tricks have nothing to aim at. The message must still be
+    text in CRLF lines of at most 1000 octets (we offer no BINARYMIME):
+    the size limit is checked as chunks come, the lines once, at LAST, over
+    the whole message. A message whose last line has no CRLF gets one, as
+    every DATA message has one before its dot.
+    """
+
+    def __init__(self, max_size: int, max_line: int):
+        super().__init__(max_size, max_line)
+        self.chunks = 0
+
+    def feed(self, data: bytes) -> None:
+        """Some octets of the current chunk."""
+        self.size += len(data)
+        if self.state is DataState.NOMINAL:
+            if self.size > self.max_size:
+                self._fail(DataState.TOO_MUCH)
+            else:
+                self._parts.append(data)
+
+    def finish(self) -> None:
+        """BDAT LAST has been read: check the lines of the whole message."""
+        if self.state is not DataState.NOMINAL:
+            return
+        text = self.content()
+        if text and not text.endswith(b"\r\n"):
+            text += b"\r\n"
+        crlf = text.count(b"\r\n")
+        if text.count(b"\n") != crlf or text.count(b"\r") != crlf:
+            self._fail(DataState.BAD_NEWLINE)
+        elif text and max(map(len, text.split(b"\r\n"))) + 2 > self.max_line:
+            self._fail(DataState.TOO_LONG)
+        else:
+            self._parts = [text]
+
+
+class MessageReader(_MessageBuffer):
     """Reads one message after 354, line by line, up to ``<CRLF>.<CRLF>``.
 
     Only a line that is exactly ``.\\r\\n`` and follows a CRLF ends the data
@@ -310,10 +381,7 @@ class MessageReader:
     """
 
     def __init__(self, max_size: int, max_line: int):
-        self.max_size, self.max_line = max_size, max_line
-        self.state = DataState.NOMINAL
-        self.size = 0  # octets of the unstuffed message seen so far
-        self._parts: list[bytes] = []
+        super().__init__(max_size, max_line)  # size: octets of the unstuffed message
         self.fast = True  # feed_block may take whole runs of lines
         # The CRLF that ended the DATA command counts as the first CRLF of
         # <CRLF>.<CRLF>: "DATA\r\n.\r\n" is an empty message.
@@ -369,17 +437,6 @@ class MessageReader:
         self._parts.append(unstuffed)
         return (stop + 5, True) if stop >= 0 else (end, False)
 
-    def _fail(self, state: DataState) -> None:
-        self.state = state
-        self._parts = []  # keep nothing we are going to refuse
-
-    def content(self) -> bytes:
-        return b"".join(self._parts)
-
-    def rejection(self) -> Reply | None:
-        """The reply for a faulty message, or None if it was fine."""
-        return _DATA_REJECTIONS.get(self.state)
-
 
 _DATA_REJECTIONS = {
     # RFC 5321 4.2.2 uses 500 for "line too long"; X.5.2 is RFC 3463's syntax
@@ -398,6 +455,7 @@ class _Mode(enum.Enum):
     COMMAND = "command"
     AUTH = "auth"  # inside a SASL exchange (RFC 4954 4)
     DATA = "data"
+    CHUNK = "chunk"  # reading the octets of a BDAT chunk (RFC 3030 2)
 
 
 @implementer(IHandshakeListener)
@@ -409,7 +467,7 @@ class SMTPServer(smtp.ESMTP):
 
     #: The verbs this server knows; anything else gets 500 5.5.1.
     COMMANDS = frozenset(
-        {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT",
+        {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT",
          "VRFY", "EXPN", "HELP", "STARTTLS", "AUTH"}
     )  # fmt: skip
     PROTOCOL_NAME = "ESMTP"
@@ -429,6 +487,10 @@ class SMTPServer(smtp.ESMTP):
         self._buffer = bytearray()
         self._mode = _Mode.COMMAND
         self._reader: MessageReader | None = None
+        self._chunks: ChunkReader | None = None  # this transaction's BDAT chunks so far
+        self._chunk_left = 0  # octets of the current chunk still to read
+        self._chunk_last = False  # the current chunk is BDAT ... LAST
+        self._chunk_refusal: Reply | None = None  # the answer to a chunk we only skip
         self._waiting = False  # a reply is pending: read no further lines
         self._closing = False
         self._paused = False  # we paused the transport (flow control)
@@ -517,6 +579,11 @@ class SMTPServer(smtp.ESMTP):
 
     def _drain(self) -> None:
         while not self._waiting and not self._closing:
+            if self._mode is _Mode.CHUNK:
+                if not self._buffer:
+                    break
+                self._chunk_octets()
+                continue
             if self._mode is _Mode.DATA:
                 used, done = self._reader.feed_block(self._buffer)
                 if used:
@@ -683,6 +750,7 @@ class SMTPServer(smtp.ESMTP):
     def _reset_transaction(self) -> None:
         self.envelope = Envelope()
         self._rcpt_tried = False
+        self._chunks = None
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
         """EHLO keywords (RFC 5321 4.1.1.1), formatted by ESMTP.listExtensions."""
@@ -692,6 +760,8 @@ class SMTPServer(smtp.ESMTP):
             b"8BITMIME": None,  # RFC 6152
             b"ENHANCEDSTATUSCODES": None,  # RFC 2034
         }
+        if self.policy.chunking:
+            ext[b"CHUNKING"] = None  # RFC 3030
         if self.canStartTLS and not self.session.tls:
             ext[b"STARTTLS"] = None  # RFC 3207
         if self._auth_offered() and self.session.tls:
@@ -819,15 +889,24 @@ class SMTPServer(smtp.ESMTP):
         hook = self._call_hook("handle_RCPT", self.session, self.envelope, address, options)
         self._when_ready(hook, apply)
 
+    def _not_ready_for_data(self) -> Reply | None:
+        """Why a transaction cannot take its message yet (DATA or BDAT), if it cannot."""
+        if self.envelope.mail_from is None:
+            return Reply(503, "5.5.1", "Need MAIL command")
+        if not self.envelope.rcpt_tos:
+            if self._rcpt_tried:  # RFC 5321 3.3: 554 "no valid recipients"
+                return Reply(554, "5.5.1", "No valid recipients")
+            return Reply(503, "5.5.1", "Need RCPT command")
+        return None
+
     def do_DATA(self, arg: bytes) -> None:
         if arg:
             return self._send(Reply(501, "5.5.4", "Syntax: DATA"), "DATA")
-        if self.envelope.mail_from is None:
-            return self._send(Reply(503, "5.5.1", "Need MAIL command"), "DATA")
-        if not self.envelope.rcpt_tos:
-            if self._rcpt_tried:  # RFC 5321 3.3: 554 "no valid recipients"
-                return self._send(Reply(554, "5.5.1", "No valid recipients"), "DATA")
-            return self._send(Reply(503, "5.5.1", "Need RCPT command"), "DATA")
+        if self._chunks is not None:  # RFC 3030 2: one or the other per message
+            return self._send(Reply(503, "5.5.1", "DATA after BDAT: send the rest with BDAT"), "DATA")
+        problem = self._not_ready_for_data()
+        if problem is not None:
+            return self._send(problem, "DATA")
         self._mode = _Mode.DATA
         self._reader = MessageReader(self.policy.max_message_size, self.policy.max_text_line)
         self._event("smtp.data.start")
@@ -840,7 +919,71 @@ class SMTPServer(smtp.ESMTP):
     def _end_of_data(self) -> None:
         reader = self._reader
         self._mode, self._reader = _Mode.COMMAND, None
-        self._event("smtp.data.end", bytes=reader.size, state=reader.state.value)
+        self._take_message(reader)
+
+    def do_BDAT(self, arg: bytes) -> None:
+        """``BDAT <size> [LAST]`` (RFC 3030 2): exactly <size> octets of the
+        message follow the command line, with no dot-stuffing.
+
+        The octets are read even when the command is refused (no MAIL yet,
+        no recipient, the message too big): only then is the next line a
+        command again. The answer comes after the octets: ``250`` for a
+        chunk, the verdict on the message for the LAST one (in LMTP one per
+        recipient, RFC 2033 4.2).
+        """
+        if not self.policy.chunking:
+            return self._send(self._unknown_command("BDAT"), "BDAT")
+        m = _BDAT_ARG.fullmatch(arg.strip())
+        if not m:
+            # Without a size nobody can tell where the chunk ends: no way back
+            # into step, so we hang up after saying why (as Postfix does).
+            self._send(Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]"), "BDAT")
+            self._closing = True
+            self.transport.loseConnection()
+            return
+        size, self._chunk_last = int(m.group(1)), m.group(2) is not None
+        self._chunk_refusal = self._not_ready_for_data()
+        if self._chunk_refusal is None and self._chunks is None:
+            self._chunks = ChunkReader(self.policy.max_message_size, self.policy.max_text_line)
+            self._event("smtp.data.start", chunking=True)
+        self._chunk_left = size
+        if size:
+            self._mode = _Mode.CHUNK  # _drain now hands the next octets to _chunk_octets
+        else:
+            self._end_of_chunk()
+
+    def _chunk_octets(self) -> None:
+        """Take the octets of the current chunk that have arrived."""
+        take = min(self._chunk_left, len(self._buffer))
+        if self._chunk_refusal is None:
+            self._chunks.feed(bytes(self._buffer[:take]))
+        del self._buffer[:take]
+        self._chunk_left -= take
+        if not self._chunk_left:
+            self._mode = _Mode.COMMAND
+            self._end_of_chunk()
+
+    def _end_of_chunk(self) -> None:
+        """The chunk has been read: answer it."""
+        if self._chunk_refusal is not None:
+            refusal, self._chunk_refusal = self._chunk_refusal, None
+            return self._send(refusal, "BDAT")
+        chunks = self._chunks
+        chunks.chunks += 1
+        if self._chunk_last:
+            self._chunks = None
+            chunks.finish()
+            return self._take_message(chunks)
+        rejection = chunks.rejection()
+        if rejection is not None:  # over the size limit: the message is refused now
+            self._send(rejection, "BDAT")
+            self._event("smtp.data.end", bytes=chunks.size, state=chunks.state.value, chunks=chunks.chunks)
+            return self._reset_transaction()
+        self._send(Reply(250, "2.0.0", f"{chunks.size} octets received"))
+
+    def _take_message(self, reader: _MessageBuffer) -> None:
+        """The whole message is in (after the dot, or BDAT LAST): refuse it or hand it on."""
+        self._event("smtp.data.end", bytes=reader.size, state=reader.state.value, chunks=reader.chunks)
         envelope = self.envelope
         rejection = reader.rejection()
         if rejection is not None:
@@ -891,6 +1034,8 @@ class SMTPServer(smtp.ESMTP):
             offered.discard("AUTH")  # RFC 4954: AUTH only where it can succeed
         if not self.canStartTLS:
             offered.discard("STARTTLS")
+        if not self.policy.chunking:
+            offered.discard("BDAT")
         commands = " ".join(sorted(offered))
         self._send(Reply(214, "2.0.0", f"Commands: {commands}. See RFC 5321."))
 

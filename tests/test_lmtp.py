@@ -108,3 +108,22 @@ def test_lmtp_keeps_smtp_hardening_smuggling_and_line_limits():
     assert codes(lines) == [354, 554]
     assert len(handler.called("MAIL")) == 1
     assert talk(proto, t, b"NOOP " + b"x" * 600 + b"\r\n") == [b"500 5.5.2 Line too long"]
+
+
+def test_bdat_last_gets_one_reply_per_accepted_recipient():
+    """RFC 3030 with RFC 2033 4.2: after BDAT LAST, as after the dot, one reply per recipient."""
+    handler = RecordingHandler(
+        RCPT=lambda s, e, addr, o: Reply(550, "5.1.1", "no such user") if addr.startswith("nobody") else None,
+        DATA=lambda *a: [Reply(250, "2.0.0", "<a@lab.test> delivered"),
+                         Reply(452, "4.2.2", "<b@lab.test> mailbox full")],
+    )
+    proto, t, _ = connect(handler)
+    assert transaction(proto, t, (b"a@lab.test", b"nobody@lab.test", b"b@lab.test")) == [250, 550, 250]
+    message = b"Subject: x\r\n\r\nhi\r\n.\r\n"  # the dot line is text here, not an end
+    assert talk(proto, t, b"BDAT 4\r\nSubjBDAT %d LAST\r\n" % (len(message) - 4) + message[4:]) == [
+        b"250 2.0.0 4 octets received",
+        b"250 2.0.0 <a@lab.test> delivered",
+        b"452 4.2.2 <b@lab.test> mailbox full",
+    ]
+    (_, _, envelope), = handler.called("DATA")
+    assert envelope.content == message

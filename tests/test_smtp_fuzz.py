@@ -6,6 +6,9 @@ Two properties keep client and server in step, whatever the bytes:
   final reply, in order, so a ``NOOP`` sent afterwards is answered by the
   very next reply. No input can make the server skip a line, answer twice,
   or start reading a message.
+* **BDAT** (RFC 3030): the server reads exactly the octets each ``BDAT
+  <size>`` announces, whatever they hold, whether or not it takes the
+  chunk; the line after the last chunk is a command again.
 * **DATA mode:** only ``CRLF . CRLF`` ends a message. Whatever comes before
   it (bare CR or LF, fake terminators, over-long lines, whole SMTP commands)
   the message gets exactly one verdict, the handler sees at most one
@@ -72,8 +75,9 @@ line_end = st.sampled_from([b"\r\n", b"\n", b"\r\r\n"])
 @given(lines=st.lists(st.tuples(command_line, line_end).map(b"".join), max_size=25), data=st.data())
 def test_command_parser_answers_every_line_exactly_once(lines, data):
     stream = b"".join(lines)
-    # QUIT would end the session early; everything else must be answered.
-    if any(line.strip().upper().startswith(b"QUIT") for line in stream.split(b"\n")):
+    # QUIT would end the session early, and BDAT makes the next octets data
+    # (the property below); everything else must be answered.
+    if any(line.strip().upper().startswith((b"QUIT", b"BDAT")) for line in stream.split(b"\n")):
         return
     # Recipients are refused, so DATA can never open a message here.
     handler = RecordingHandler(RCPT=Reply(550, "5.1.1", "no such user"))
@@ -177,3 +181,52 @@ def test_the_block_fast_path_reads_exactly_what_the_line_reader_reads(raw, data)
     max_line = data.draw(st.sampled_from([1000, 20, 5]))
     assert read_data(stream, cuts, max_size, max_line, fast=True) == \
         read_data(stream, cuts, max_size, max_line, fast=False)
+
+
+# ---------------------------------------------------------------------------
+# BDAT chunks
+
+
+def expected_chunked(body: bytes, max_line: int = 1000) -> bytes | None:
+    """What a correct server keeps of a message sent by BDAT, or None if it must refuse it."""
+    text = body if not body or body.endswith(b"\r\n") else body + b"\r\n"
+    lines = text.split(b"\r\n")[:-1]
+    if any(b"\r" in line or b"\n" in line or len(line) + 2 > max_line for line in lines):
+        return None
+    return text
+
+
+@FUZZ
+@given(body=body_strategy, data=st.data())
+def test_bdat_reads_exactly_the_announced_octets(body, data):
+    """Any bytes (fake terminators, whole commands) cut into chunks of any sizes,
+    sent in one pipelined stream cut anywhere by TCP: one 250 per chunk, one
+    verdict for LAST, the message exactly as sent, and the NOOP after it read
+    as a command. No dot-stuffing happens in either direction."""
+    handler = RecordingHandler()
+    proto, transport, _ = connect(ServerPolicy(hostname="mx.lab.test"), handler=handler)
+    ehlo(proto, transport)
+    bounds = sorted(set(data.draw(st.lists(st.integers(0, len(body)), max_size=4))))
+    pieces = [body[a:b] for a, b in zip([0, *bounds], [*bounds, len(body)])]
+    stream = b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<bob@lab.test>\r\n"
+    for i, piece in enumerate(pieces):
+        last = b" LAST" if i == len(pieces) - 1 else b""
+        stream += b"BDAT %d%s\r\n" % (len(piece), last) + piece
+    stream += b"NOOP\r\n"
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
+    replies = final_replies(feed(proto, transport, stream, cuts))
+
+    assert len(replies) == 2 + len(pieces) + 1, replies
+    assert [r[:3] for r in replies[:2]] == [b"250", b"250"]
+    assert all(r.startswith(b"250 2.0.0 ") and r.endswith(b"octets received") for r in replies[2:-2])
+    verdict, noop = replies[-2], replies[-1]
+    assert noop == b"250 2.0.0 OK", "the command after the last chunk was not read as a command"
+    assert len(handler.called("MAIL")) == 1 and len(handler.called("RCPT")) == 1, "a smuggled command ran"
+    want = expected_chunked(body)
+    if want is None:
+        assert verdict[:9] in (b"554 5.6.0", b"500 5.5.2"), verdict
+        assert handler.delivered == []
+    else:
+        assert verdict.startswith(b"250 "), verdict
+        assert handler.delivered == [want]
+    assert not transport.disconnecting

@@ -204,7 +204,8 @@ def test_greeting_and_ehlo_keywords():
     lines = ehlo(proto, t)
     assert lines[0] == b"250-mx.lab.test greets client.test"
     keywords = [line[4:] for line in lines[1:]]
-    assert keywords == [b"PIPELINING", b"SIZE 10485760", b"8BITMIME", b"ENHANCEDSTATUSCODES", b"STARTTLS"]
+    assert keywords == [b"PIPELINING", b"SIZE 10485760", b"8BITMIME", b"ENHANCEDSTATUSCODES", b"CHUNKING",
+                        b"STARTTLS"]
 
 
 def test_full_transaction_hands_envelope_to_handler():
@@ -919,3 +920,95 @@ class RealStartTLSTests(unittest.TestCase):
         self.assertEqual((yield client.reply(b"QUIT"))[0][:3], b"221")
         yield client.closed
         yield server_lost
+
+
+# ---------------------------------------------------------------------------
+# CHUNKING: BDAT (RFC 3030)
+
+
+def mail_and_rcpt(proto, t, rcpt=b"bob@lab.test") -> list[int]:
+    ehlo(proto, t)
+    return codes(talk(proto, t, b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<" + rcpt + b">\r\n"))
+
+
+def test_bdat_takes_the_message_in_one_round_trip_without_dot_stuffing():
+    """MAIL, RCPT and BDAT LAST with the message, in one write: three replies, in order.
+    A line that is only "." is text in BDAT: nothing is unstuffed and nothing ends early."""
+    proto, t, handler = connect(ServerPolicy(hostname="mx.lab.test"))
+    ehlo(proto, t)
+    message = b"Subject: dots\r\n\r\n.\r\n..two\r\nMAIL FROM:<evil@x.test>\r\n"
+    lines = talk(proto, t, b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<bob@lab.test>\r\n"
+                           b"BDAT %d LAST\r\n" % len(message) + message + b"NOOP\r\n")
+    assert codes(lines) == [250, 250, 250, 250]
+    assert handler.delivered == [message]
+    assert len(handler.called("MAIL")) == 1  # the MAIL line inside the chunk was data
+
+
+def test_bdat_refused_before_mail_still_reads_its_octets():
+    proto, t, handler = connect(ServerPolicy(hostname="mx.lab.test"))
+    ehlo(proto, t)
+    assert talk(proto, t, b"BDAT 12 LAST\r\nQUIT\r\nRSET\r\nNOOP\r\n") == [
+        b"503 5.5.1 Need MAIL command", b"250 2.0.0 OK"]  # QUIT and RSET were the chunk
+    assert handler.delivered == [] and not t.disconnecting
+
+
+def test_bdat_with_every_recipient_refused_gets_554_and_stays_in_step():
+    handler = RecordingHandler(RCPT=Reply(550, "5.1.1", "no such user"))
+    proto, t, _ = connect(ServerPolicy(hostname="mx.lab.test"), handler=handler)
+    assert mail_and_rcpt(proto, t) == [250, 550]
+    assert talk(proto, t, b"BDAT 5 LAST\r\nhello" + b"NOOP\r\n") == [
+        b"554 5.5.1 No valid recipients", b"250 2.0.0 OK"]
+    assert handler.delivered == []
+
+
+def test_bdat_without_a_size_is_refused_and_the_session_ends():
+    """Nobody can tell where a chunk of unknown size ends: 501, then hang up."""
+    proto, t, _ = connect(ServerPolicy(hostname="mx.lab.test"))
+    assert mail_and_rcpt(proto, t) == [250, 250]
+    assert talk(proto, t, b"BDAT lots\r\nNOOP\r\n") == [b"501 5.5.4 Syntax: BDAT <size> [LAST]"]
+    assert t.disconnecting
+
+
+def test_data_after_bdat_is_refused_and_bdat_goes_on():
+    proto, t, handler = connect(ServerPolicy(hostname="mx.lab.test"))
+    assert mail_and_rcpt(proto, t) == [250, 250]
+    assert talk(proto, t, b"BDAT 9\r\nSubject: ") == [b"250 2.0.0 9 octets received"]
+    assert talk(proto, t, b"DATA\r\n") == [b"503 5.5.1 DATA after BDAT: send the rest with BDAT"]
+    assert codes(talk(proto, t, b"BDAT 6 LAST\r\nhi\r\n\r\n")) == [250]
+    assert handler.delivered == [b"Subject: hi\r\n\r\n"]
+
+
+def test_bdat_over_the_size_limit_is_refused_at_that_chunk_and_read_to_its_end():
+    proto, t, handler = connect(ServerPolicy(hostname="mx.lab.test", max_message_size=10))
+    assert mail_and_rcpt(proto, t) == [250, 250]
+    assert talk(proto, t, b"BDAT 8\r\n12345678") == [b"250 2.0.0 8 octets received"]
+    assert talk(proto, t, b"BDAT 8\r\n9abcdefg") == [
+        b"552 5.3.4 Message size exceeds fixed maximum message size"]
+    # The transaction is over: the next chunk has no MAIL to belong to.
+    assert talk(proto, t, b"BDAT 3 LAST\r\nxyzNOOP\r\n") == [b"503 5.5.1 Need MAIL command", b"250 2.0.0 OK"]
+    assert handler.delivered == []
+
+
+@pytest.mark.parametrize("content, reply", [
+    (b"bare\nLF\r\n", b"554 5.6.0 Bare CR or LF not allowed in message data"),
+    (b"x" * 999 + b"\r\n", b"500 5.5.2 Line too long in message data (max 1000 octets)"),
+])  # fmt: skip
+def test_bdat_messages_follow_the_same_line_rules_as_data(content, reply):
+    proto, t, handler = connect(ServerPolicy(hostname="mx.lab.test"))
+    assert mail_and_rcpt(proto, t) == [250, 250]
+    assert talk(proto, t, b"BDAT %d LAST\r\n" % len(content) + content) == [reply]
+    assert handler.delivered == []
+
+
+def test_a_last_line_without_crlf_gets_one():
+    proto, t, handler = connect(ServerPolicy(hostname="mx.lab.test"))
+    assert mail_and_rcpt(proto, t) == [250, 250]
+    assert codes(talk(proto, t, b"BDAT 16 LAST\r\nSubject: x\r\n\r\nhi")) == [250]
+    assert handler.delivered == [b"Subject: x\r\n\r\nhi\r\n"]
+
+
+def test_chunking_can_be_switched_off():
+    proto, t, _ = connect(ServerPolicy(hostname="mx.lab.test", chunking=False))
+    assert b"250-CHUNKING" not in ehlo(proto, t)
+    assert talk(proto, t, b"BDAT 3 LAST\r\n") == [b"500 5.5.1 Command unrecognized"]
+    assert b"BDAT" not in talk(proto, t, b"HELP\r\n")[0]
