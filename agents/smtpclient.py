@@ -255,10 +255,15 @@ class _Message:
 
     mail_from: bytes
     rcpt_tos: tuple[str, ...]
-    payload: bytes  # what follows 354, from encode_data()
+    content: bytes  # every line ending in CRLF: what BDAT sends as it is
     size: int  # RFC 1870: octets with CRLFs, without stuffing or final dot
     eight_bit: bool
     smtputf8: bool  # a non-ASCII address needs SMTPUTF8 (RFC 6531 3.4)
+
+    @property
+    def payload(self) -> bytes:
+        """What follows 354: the content dot-stuffed and terminated (see encode_data)."""
+        return _dot_stuff(self.content)
 
 
 def _check_connection_arguments(tls, ca_cert, username, password) -> None:
@@ -305,7 +310,7 @@ def _message(mail_from: str, rcpt_tos, content: bytes) -> _Message:
     return _Message(
         mail_from=_envelope_address(mail_from),
         rcpt_tos=tuple(rcpt_tos),
-        payload=_dot_stuff(normalized),
+        content=normalized,
         size=len(normalized),
         eight_bit=not normalized.isascii(),
         smtputf8=not all(a.isascii() for a in [mail_from, *rcpt_tos]),
@@ -354,6 +359,7 @@ class _Command:
     verb: str
     line: bytes | None
     on_reply: Callable[[int, bytes], None]
+    data: bytes = b""  # octets sent right after the line (a BDAT chunk)
 
 
 @dataclass
@@ -367,7 +373,7 @@ class _Transaction:
     started: int
     replies: list[RecipientResult] = field(default_factory=list)  # one per rcpt, in order
     accepted: list[int] = field(default_factory=list)  # indexes into replies, RCPT accepted
-    awaiting_lmtp: list[int] = field(default_factory=list)  # accepted, still without a verdict
+    awaiting_lmtp: list[int] | None = None  # accepted, still without a verdict (once they are due)
     refusal: SMTPDeliveryError | None = None  # MAIL was refused
     data_sent: bool = False
 
@@ -446,6 +452,12 @@ class SessionProtocol(smtp.ESMTPClient):
         """The server said PIPELINING in its EHLO reply (RFC 2920): it reads
         commands as a stream, so we may send several before the replies."""
         return b"PIPELINING" in self.extensions
+
+    @property
+    def chunking(self) -> bool:
+        """The server said CHUNKING (RFC 3030) and PIPELINING: the message can go
+        as ``BDAT <size> LAST`` in the same write as MAIL and RCPT."""
+        return b"CHUNKING" in self.extensions and self.pipelining
 
     def _line_tracer(self) -> Tracer:
         return self.tx.tracer if self.tx is not None else self.tracer
@@ -747,6 +759,7 @@ class SessionProtocol(smtp.ESMTPClient):
         tracer.event(
             "relay.transaction", conn=self.conn_id, number=self.transactions,
             rcpts=len(message.rcpt_tos), octets=message.size, pipelining=self.pipelining,
+            chunking=self.chunking,
         )
         try:
             params = self._mail_parameters(message)
@@ -763,7 +776,15 @@ class SessionProtocol(smtp.ESMTPClient):
         for index, address in enumerate(message.rcpt_tos):
             line = b"RCPT TO:<" + _envelope_address(address) + b">"
             commands.append(_Command("RCPT", line, partial(self._on_rcpt_reply, index, address)))
-        self._run(commands, then=self._after_envelope, pipeline=self.pipelining)
+        if self.chunking:
+            # RFC 3030: the message rides with the envelope. Were MAIL or every
+            # RCPT refused, the server still reads the chunk (and refuses it),
+            # so we stay in step; the price is octets sent for nothing.
+            commands.append(_Command("BDAT", b"BDAT %d LAST" % len(message.content),
+                                     self._on_bdat_reply, data=message.content))
+            self._run(commands, then=self._after_chunked_message, pipeline=True)
+        else:
+            self._run(commands, then=self._after_envelope, pipeline=self.pipelining)
         return result
 
     def _mail_parameters(self, message: _Message) -> bytes:
@@ -809,13 +830,16 @@ class SessionProtocol(smtp.ESMTPClient):
             self._write([self.unsent.popleft()])
 
     def _write(self, commands: list[_Command]) -> None:
-        """Trace each command line and send them all in one write."""
+        """Trace each command line and send them all in one write (a BDAT with its chunk)."""
         tracer = self._line_tracer()
         for command in commands:
             tracer.line(self.conn_id, "C", command.line, peer=self.peer)
+            if command.data:
+                self.tx.data_sent = True
+                tracer.event("relay.data", conn=self.conn_id, octets=len(command.data), chunking=True)
         self.awaiting.extend(commands)
         self.stage = self.awaiting[0].verb
-        self.transport.write(b"".join(command.line + b"\r\n" for command in commands))
+        self.transport.write(b"".join(command.line + b"\r\n" + command.data for command in commands))
 
     def _on_reply(self, code: int, resp: bytes) -> None:
         """The next reply belongs to the oldest command still waiting."""
@@ -913,6 +937,33 @@ class SessionProtocol(smtp.ESMTPClient):
         else:
             verdicts = [_Command("end of data", None, self._on_data_reply)]
         self.awaiting.extend(verdicts)
+
+    def _on_bdat_reply(self, code: int, resp: bytes) -> None:
+        """The reply to BDAT LAST is the verdict on the message (RFC 3030 2):
+        one reply in SMTP, one per accepted recipient in LMTP (RFC 2033 4.2),
+        the first of which is this one."""
+        tx = self.tx
+        if tx.refusal is not None or not tx.accepted:
+            if code == 421:  # the server is closing (RFC 5321 3.8)
+                return self._refused("BDAT")(code, resp)
+            return  # the chunk was refused with the envelope: _after_chunked_message says why
+        self.stage = "end of data"
+        if not self.options.lmtp:
+            return self._on_data_reply(code, resp)
+        first, *rest = tx.accepted
+        tx.awaiting_lmtp = list(tx.accepted)
+        self._on_lmtp_reply(first, code, resp)
+        self.awaiting.extend(_Command("end of data", None, partial(self._on_lmtp_reply, index))
+                             for index in rest)
+
+    def _after_chunked_message(self) -> None:
+        """Every reply is in: the envelope's and the message's."""
+        tx = self.tx
+        if tx.refusal is not None:
+            return self._fail_transaction(tx.refusal)
+        if not tx.accepted:
+            return self._fail_transaction(_no_recipient_error(tx.replies))
+        self._finish_transaction()
 
     def _settle_accepted(self, code: int, resp: bytes) -> None:
         status, text = self._reply(code, resp)
@@ -1050,7 +1101,8 @@ class SessionProtocol(smtp.ESMTPClient):
         was, self.phase = self.phase, Phase.CLOSED
         tx = self.tx
         if tx is not None and not tx.result.called:
-            if self.options.lmtp and tx.data_sent and len(tx.awaiting_lmtp) < len(tx.accepted):
+            if (self.options.lmtp and tx.data_sent and tx.awaiting_lmtp is not None
+                    and len(tx.awaiting_lmtp) < len(tx.accepted)):
                 # Some LMTP verdicts are in: those recipients are settled, so
                 # report them and mark only the silent ones for retry.
                 for index in tx.awaiting_lmtp:

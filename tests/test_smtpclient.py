@@ -347,6 +347,70 @@ def test_lmtp_connection_lost_after_some_replies_keeps_them():
     assert (carol.code, carol.status) == (421, "4.4.2")
 
 
+# --- CHUNKING (RFC 3030) -----------------------------------------------------------------
+
+
+def test_bdat_sends_envelope_and_message_in_one_write_without_dot_stuffing():
+    content = b"Subject: hi\r\n\r\n.\r\n.dotted\r\nbare\nLF\r\n"
+    s = Session(content=content, rcpt_tos=["bob@b.test", "carol@b.test"])
+    s.greet_and_ehlo(b"PIPELINING", b"CHUNKING", b"ENHANCEDSTATUSCODES")
+    chunk = normalize_line_breaks(content)  # CRLF everywhere, the dots as they are
+    assert s.sent() == (b"MAIL FROM:<alice@a.test>\r\nRCPT TO:<bob@b.test>\r\nRCPT TO:<carol@b.test>\r\n"
+                        b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+    s.reply(b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"550 5.1.1 No such user", b"250 2.0.0 Ok: queued as Q1")
+    assert s.sent() == b"QUIT\r\n"
+    assert [(r.address, r.code) for r in s.result.recipients] == [("bob@b.test", 250), ("carol@b.test", 550)]
+
+
+def test_bdat_needs_pipelining_too():
+    """Without PIPELINING the envelope goes in lock step, and then DATA as before."""
+    s = Session()
+    s.greet_and_ehlo(b"CHUNKING")
+    assert s.sent() == b"MAIL FROM:<alice@a.test>\r\n"
+    s.reply(b"250 Ok")
+    assert s.sent() == b"RCPT TO:<bob@b.test>\r\n"
+    s.reply(b"250 Ok")
+    assert s.sent() == b"DATA\r\n"
+
+
+@pytest.mark.parametrize("replies, stage, code", [
+    ((b"550 5.7.1 Sender refused", b"503 5.5.1 Need MAIL", b"503 5.5.1 Need MAIL command"), "MAIL", 550),
+    ((b"250 Ok", b"550 5.1.1 No such user", b"554 5.5.1 No valid recipients"), "RCPT", 550),
+])  # fmt: skip
+def test_bdat_refused_with_its_envelope_fails_the_message(replies, stage, code):
+    s = Session(rcpt_tos=["bob@b.test"])
+    s.greet_and_ehlo(b"PIPELINING", b"CHUNKING")
+    s.sent()
+    s.reply(*replies)
+    assert (s.error.stage, s.error.code) == (stage, code)
+    assert s.sent() == b"QUIT\r\n"  # in step: the three replies were read, none is missing
+
+
+def test_lmtp_bdat_reads_one_reply_per_accepted_recipient():
+    s = Session(lmtp=True, rcpt_tos=["bob@b.test", "nobody@b.test", "carol@b.test"])
+    s.reply(b"220 lmtp.b.test LMTP")
+    s.sent()
+    s.reply(b"250-lmtp.b.test", b"250-PIPELINING", b"250 CHUNKING")
+    assert s.sent().endswith(b"RCPT TO:<carol@b.test>\r\nBDAT 22 LAST\r\nSubject: hi\r\n\r\nHello\r\n")
+    s.reply(b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"550 5.1.1 No such user", b"250 2.1.5 Ok",
+            b"250 2.0.0 bob stored")
+    assert s.outcome == [] and s.sent() == b""  # carol's verdict is still to come
+    s.reply(b"452 4.2.2 carol is over quota")
+    assert [(r.address, r.code) for r in s.result.recipients] == [
+        ("bob@b.test", 250), ("nobody@b.test", 550), ("carol@b.test", 452)]
+
+
+def test_lmtp_bdat_connection_lost_before_any_verdict_delivers_nobody():
+    """The message went out with the envelope, but no verdict came: nobody has it
+    for sure, so every accepted recipient is retried (never counted as delivered)."""
+    s = Session(lmtp=True, rcpt_tos=["bob@b.test", "carol@b.test"])
+    s.reply(b"220 lmtp.b.test LMTP")
+    s.reply(b"250-lmtp.b.test", b"250-PIPELINING", b"250 CHUNKING")
+    s.reply(b"250 Ok", b"250 Ok", b"250 Ok")
+    s.protocol.connectionLost(Failure(ConnectionLost()))
+    assert s.error.code == 421 and "retry may duplicate" in str(s.error)
+
+
 # --- STARTTLS and AUTH -------------------------------------------------------------------
 
 
@@ -664,6 +728,26 @@ def test_pipelined_refused_mail_reads_every_reply_then_rset_rides_along():
     w.transport.writes.clear()
     w.transact(session)
     assert w.transport.writes == [b"RSET\r\nMAIL FROM:<alice@a.test>\r\nRCPT TO:<bob@b.test>\r\n"]
+
+
+def test_chunked_transactions_one_write_each_and_rset_only_after_a_refusal():
+    """BDAT LAST ends a transaction on the server, whatever its verdict; a
+    refused envelope (every RCPT) leaves MAIL behind, so RSET goes first next time."""
+    w = SessionWire()
+    session = w.ready(b"PIPELINING", b"CHUNKING")
+    body = b"Subject: hi\r\n\r\nHello\r\n"
+    envelope = b"MAIL FROM:<alice@a.test>\r\nRCPT TO:<bob@b.test>\r\nBDAT 22 LAST\r\n" + body
+    first = w.transact(session)
+    w.reply(b"250 Ok", b"250 Ok", b"550 5.7.1 Rejected by policy")
+    assert [r.code for r in settled(first).recipients] == [550]
+    w.transport.writes.clear()
+    second = w.transact(session)
+    assert w.transport.writes == [envelope]  # no RSET: the refused message ended its transaction
+    w.reply(b"250 Ok", b"550 5.1.1 No such user", b"554 5.5.1 No valid recipients")
+    assert second[0].value.code == 550
+    w.transport.writes.clear()
+    w.transact(session)
+    assert w.transport.writes == [b"RSET\r\n" + envelope]
 
 
 def test_transactions_queue_one_behind_the_other():
