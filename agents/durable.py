@@ -9,14 +9,19 @@ message". The answer may only go out after the bytes are on stable storage:
    file or none of it, never half;
 4. ``fsync`` the directory, so the rename itself is on disk.
 
-These calls block, so agents run them in a thread (:func:`deferToThread`),
-never on the reactor.
+These calls block, so agents never run them on the reactor: each agent has
+one :class:`DiskThread` that does its disk work in order.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from pathlib import Path
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
 
 
 def write_durably(tmp_path: Path, final_path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -47,3 +52,82 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DiskThread:
+    """One thread for all of an agent's disk work, run in the order asked.
+
+    ``run(f, *args)`` is a drop-in for Twisted's ``deferToThread``: it
+    returns a Deferred that fires, on the reactor thread, with what ``f``
+    returned (or failed with). Why not Twisted's thread pool? Under the GIL
+    only one thread runs Python at a time, and every hand-over between
+    threads costs wake-ups. The pool's bookkeeping takes several locks per
+    job and lets several workers fight for the GIL; one plain thread fed by
+    a queue does not. Measured on the benchmark (issue 3): the agents'
+    CPU time per message fell by about a quarter.
+
+    The thread takes every job that is waiting as one batch and returns the
+    batch's results in one ``callFromThread``: when the disk is slow, jobs
+    pile up, and the reactor is woken once per batch, not once per job.
+    """
+
+    _STOP = object()
+
+    def __init__(self, reactor, name: str = "disk"):
+        self._reactor = reactor
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._stopped: defer.Deferred | None = None
+
+    def run(self, f, *args, **kwargs) -> defer.Deferred:
+        """Run ``f(*args, **kwargs)`` in the disk thread."""
+        if self._stopped is not None:
+            return defer.fail(RuntimeError("the disk thread has stopped"))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            self._thread.start()
+        d = defer.Deferred()
+        self._jobs.put((d, f, args, kwargs))
+        return d
+
+    def stop(self) -> defer.Deferred:
+        """Finish the jobs already asked for, then end the thread (a shutdown trigger)."""
+        if self._stopped is None:
+            self._stopped = defer.Deferred()
+            if self._thread is None:
+                self._stopped.callback(None)
+            else:
+                self._jobs.put(self._STOP)
+        return self._stopped
+
+    def _work(self) -> None:
+        while True:
+            batch = [self._jobs.get()]
+            while True:  # whatever else is waiting goes in the same batch
+                try:
+                    batch.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            results, stop = [], False
+            for job in batch:
+                if job is self._STOP:
+                    stop = True
+                    continue
+                d, f, args, kwargs = job
+                try:
+                    results.append((d, f(*args, **kwargs), None))
+                except BaseException:
+                    results.append((d, None, Failure()))
+            self._reactor.callFromThread(self._deliver, results, stop)
+            if stop:
+                return
+
+    def _deliver(self, results: list, stop: bool) -> None:
+        for d, value, failure in results:
+            if failure is None:
+                d.callback(value)
+            else:
+                d.errback(failure)
+        if stop and self._stopped is not None and not self._stopped.called:
+            self._stopped.callback(None)

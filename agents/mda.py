@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 
 from .control import AgentControl
 from .headers import get_header, received_field
@@ -72,7 +72,7 @@ class LocalDeliveryPolicy(SMTPHandler):
         message = trace + content
         limit = self.quotas.limit(rcpt)
         if limit:
-            d = threads.deferToThread(quota_usage, self.store.user_path(rcpt))
+            d = self.ctx.disk.run(quota_usage, self.store.user_path(rcpt))
             d.addCallback(lambda used: self._store_within(rcpt, message, folder, used, limit))
         else:
             d = self.store.deliver(rcpt, message, folder=folder)
@@ -108,7 +108,7 @@ class OverQuota(Exception):
 
 def build(ctx) -> None:
     hooks = install_hooks(ctx)  # coursework hooks from the lab config, if any (agents.hooks)
-    store = MailStore(ctx.home.maildirs)
+    store = MailStore(ctx.home.maildirs, run_in_thread=ctx.disk.run)
     for user in ctx.config.users_of(ctx.domain.name):
         store.maildir(user.address)
     checker = UserDBChecker(UserDB(ctx.home.users_file))

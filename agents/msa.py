@@ -79,7 +79,7 @@ def build(ctx) -> None:
     spool = Spool(ctx.home.spool(ctx.spec.name))
     queue = DeliveryQueue(
         spool, lambda item, content: router.to_own_mta(item, item.pending, content),
-        reactor=ctx.reactor, tracer=ctx.tracer, hooks=hooks,
+        reactor=ctx.reactor, tracer=ctx.tracer, hooks=hooks, run_blocking=ctx.disk.run,
         make_bounce=bounce_maker(domain.host("msa"), domain.name), **queue_settings(ctx.config),
     )
     control = AgentControl(ctx, queue=queue)  # mailpipe queue / fault (agents.control)

@@ -124,7 +124,7 @@ def build(ctx) -> None:
     # A backup MX relays even its own domain's mail to the primary (agents.exchangers).
     transport = BackupTransport(ctx, router) if is_backup_mx(ctx) else Transport(ctx, router)
     queue = DeliveryQueue(
-        spool, transport, reactor=ctx.reactor, tracer=ctx.tracer, hooks=hooks,
+        spool, transport, reactor=ctx.reactor, tracer=ctx.tracer, hooks=hooks, run_blocking=ctx.disk.run,
         make_bounce=bounce_maker(hostname, domain.name), **queue_settings(ctx.config),
     )
     control = AgentControl(ctx, queue=queue)  # mailpipe queue / fault (agents.control)

@@ -19,6 +19,7 @@ from twisted.internet import error as net_error
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from .config import AgentSpec, ConfigError, LabConfig
+from .durable import DiskThread
 from .home import LabHome
 from .trace import Tracer
 
@@ -41,6 +42,8 @@ class AgentContext:
     tracer: Tracer
     #: This agent's coursework hooks (an agents.hooks.HookRunner), set by install_hooks.
     hooks: object = None
+    #: The one thread that does this agent's disk work (agents.durable.DiskThread).
+    disk: object = None
 
     @property
     def domain(self):
@@ -101,7 +104,10 @@ def run(role: str, home_dir: str, name: str) -> int:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     tracer = Tracer(home.trace_file(name) if config.trace else None, name, role, spec.domain,
                     scheduler=reactor.callLater)
-    ctx = AgentContext(reactor, home, config, spec, tracer)
+    disk = DiskThread(reactor, name=f"{name} disk")
+    # On SIGTERM the spool writes already asked for still finish.
+    reactor.addSystemEventTrigger("before", "shutdown", disk.stop)
+    ctx = AgentContext(reactor, home, config, spec, tracer, disk=disk)
 
     from . import ROLE_MODULES
 

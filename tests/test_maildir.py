@@ -266,3 +266,55 @@ def test_a_scan_never_counts_a_uid_it_does_not_list(tmp_path):
     assert [m.uid for m in snapshot.messages] == [1]
     assert snapshot.uid_next == 2
     assert [m.uid for m in md.scan().messages] == [1, 2]
+
+
+def test_disk_thread_runs_jobs_in_order_and_reports_failures():
+    """agents.durable.DiskThread: deferToThread's contract, one thread, FIFO;
+    stop() lets the jobs already asked for finish."""
+    import threading
+    import time
+
+    from twisted.internet import defer
+
+    from agents.durable import DiskThread
+
+    class Reactor:  # callFromThread, collected here and run by the test's thread
+        def __init__(self):
+            self.calls, self.lock = [], threading.Lock()
+
+        def callFromThread(self, f, *args):
+            with self.lock:
+                self.calls.append((f, args))
+
+        def run_pending(self, until, timeout=5.0):
+            deadline = time.monotonic() + timeout
+            while not until() and time.monotonic() < deadline:
+                with self.lock:
+                    calls, self.calls = self.calls, []
+                for f, args in calls:
+                    f(*args)
+                time.sleep(0.001)
+
+    reactor = Reactor()
+    disk = DiskThread(reactor)
+    order, threads_seen = [], set()
+
+    def job(n):
+        threads_seen.add(threading.get_ident())
+        order.append(n)
+        if n == 3:
+            raise OSError("disk full")
+        return n * 10
+
+    results = []
+    for n in range(6):
+        disk.run(job, n).addCallbacks(results.append, lambda f: results.append(f.value))
+    stopped = disk.stop()
+    refused = []
+    disk.run(job, 99).addErrback(refused.append)  # asked after stop(): refused at once
+    assert len(refused) == 1 and refused[0].check(RuntimeError)
+    reactor.run_pending(lambda: stopped.called)
+    assert order == [0, 1, 2, 3, 4, 5] and len(threads_seen) == 1
+    assert threading.get_ident() not in threads_seen
+    assert results[:3] == [0, 10, 20] and isinstance(results[3], OSError) and results[4:] == [40, 50]
+    assert stopped.called
