@@ -136,10 +136,13 @@ def test_data_reader_never_desyncs_and_never_takes_a_second_message(raw, data):
 
     assert [r[:3] for r in replies[:3]] == [b"250", b"250", b"354"]
     assert len(replies) == 5, replies  # MAIL, RCPT, 354, the one verdict, NOOP
-    verdict, noop = replies[3], replies[4]
-    assert noop == b"250 2.0.0 OK", "the command after the final dot was not read as a command"
+    check_one_message(handler, verdict=replies[3], noop=replies[4], want=expected(body))
+
+
+def check_one_message(handler, verdict: bytes, noop: bytes, want: bytes | None) -> None:
+    """One transaction, one verdict; the message kept exactly (``want``) or refused."""
+    assert noop == b"250 2.0.0 OK", "the command after the message was not read as a command"
     assert len(handler.called("MAIL")) == 1 and len(handler.called("RCPT")) == 1, "a smuggled command ran"
-    want = expected(body)
     if want is None:
         assert verdict[:9] in (b"554 5.6.0", b"500 5.5.2"), verdict
         assert handler.delivered == []
@@ -219,14 +222,5 @@ def test_bdat_reads_exactly_the_announced_octets(body, data):
     assert len(replies) == 2 + len(pieces) + 1, replies
     assert [r[:3] for r in replies[:2]] == [b"250", b"250"]
     assert all(r.startswith(b"250 2.0.0 ") and r.endswith(b"octets received") for r in replies[2:-2])
-    verdict, noop = replies[-2], replies[-1]
-    assert noop == b"250 2.0.0 OK", "the command after the last chunk was not read as a command"
-    assert len(handler.called("MAIL")) == 1 and len(handler.called("RCPT")) == 1, "a smuggled command ran"
-    want = expected_chunked(body)
-    if want is None:
-        assert verdict[:9] in (b"554 5.6.0", b"500 5.5.2"), verdict
-        assert handler.delivered == []
-    else:
-        assert verdict.startswith(b"250 "), verdict
-        assert handler.delivered == [want]
+    check_one_message(handler, verdict=replies[-2], noop=replies[-1], want=expected_chunked(body))
     assert not transport.disconnecting
