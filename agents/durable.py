@@ -45,8 +45,25 @@ def write_durably(tmp_path: Path, final_path: Path, data: bytes, mode: int = 0o6
     fsync_directory(Path(final_path).parent)
 
 
+#: Inside a DiskThread batch: the directories whose fsync waits for the batch's end.
+_batch = threading.local()
+
+
 def fsync_directory(directory: Path) -> None:
-    """Make a directory's entries (a rename, an unlink) durable."""
+    """Make a directory's entries (a rename, an unlink) durable.
+
+    Inside a :class:`DiskThread` batch the fsync is only noted: the batch
+    syncs each directory once at its end, before any of its jobs is
+    reported done (a group commit).
+    """
+    pending = getattr(_batch, "directories", None)
+    if pending is not None:
+        pending.add(str(directory))
+        return
+    _fsync_directory_now(str(directory))
+
+
+def _fsync_directory_now(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -66,9 +83,13 @@ class DiskThread:
     a queue does not. Measured on the benchmark (issue 3): the agents'
     CPU time per message fell by about a quarter.
 
-    The thread takes every job that is waiting as one batch and returns the
-    batch's results in one ``callFromThread``: when the disk is slow, jobs
-    pile up, and the reactor is woken once per batch, not once per job.
+    The thread takes every job that is waiting as one batch and commits it
+    as a group: each directory that the batch's jobs renamed files into is
+    fsynced once, at the end (a directory fsync makes every rename in it
+    durable), and only then go the results back to the reactor, all in one
+    ``callFromThread``. When the disk is slow, jobs pile up, batches grow,
+    and the cost per message falls: the same idea as a database's group
+    commit, or Postfix's many cleanup processes sharing one journal.
     """
 
     _STOP = object()
@@ -115,16 +136,33 @@ class DiskThread:
                     stop = True
                     continue
                 d, f, args, kwargs = job
+                _batch.directories = touched = set()
                 try:
-                    results.append((d, f(*args, **kwargs), None))
+                    results.append([d, f(*args, **kwargs), None, touched])
                 except BaseException:
-                    results.append((d, None, Failure()))
+                    results.append([d, None, Failure(), touched])
+                finally:
+                    _batch.directories = None
+            self._commit(results)
             self._reactor.callFromThread(self._deliver, results, stop)
             if stop:
                 return
 
+    @staticmethod
+    def _commit(results: list) -> None:
+        """fsync each directory the batch touched, once; a job whose directory
+        could not be synced fails (its message is not safe, so no 250)."""
+        for directory in set().union(*(touched for *_, touched in results)):
+            try:
+                _fsync_directory_now(directory)
+            except OSError:
+                failure = Failure()
+                for result in results:
+                    if directory in result[3] and result[2] is None:
+                        result[1], result[2] = None, failure
+
     def _deliver(self, results: list, stop: bool) -> None:
-        for d, value, failure in results:
+        for d, value, failure, _touched in results:
             if failure is None:
                 d.callback(value)
             else:

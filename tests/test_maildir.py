@@ -268,34 +268,38 @@ def test_a_scan_never_counts_a_uid_it_does_not_list(tmp_path):
     assert [m.uid for m in md.scan().messages] == [1, 2]
 
 
+class ThreadCallsReactor:
+    """Just ``callFromThread``: calls are collected, and run by the test's thread."""
+
+    def __init__(self):
+        import threading
+
+        self.calls, self.lock = [], threading.Lock()
+
+    def callFromThread(self, f, *args):
+        with self.lock:
+            self.calls.append((f, args))
+
+    def run_pending(self, until, timeout=5.0):
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not until() and time.monotonic() < deadline:
+            with self.lock:
+                calls, self.calls = self.calls, []
+            for f, args in calls:
+                f(*args)
+            time.sleep(0.001)
+
+
 def test_disk_thread_runs_jobs_in_order_and_reports_failures():
     """agents.durable.DiskThread: deferToThread's contract, one thread, FIFO;
     stop() lets the jobs already asked for finish."""
     import threading
-    import time
-
-    from twisted.internet import defer
 
     from agents.durable import DiskThread
 
-    class Reactor:  # callFromThread, collected here and run by the test's thread
-        def __init__(self):
-            self.calls, self.lock = [], threading.Lock()
-
-        def callFromThread(self, f, *args):
-            with self.lock:
-                self.calls.append((f, args))
-
-        def run_pending(self, until, timeout=5.0):
-            deadline = time.monotonic() + timeout
-            while not until() and time.monotonic() < deadline:
-                with self.lock:
-                    calls, self.calls = self.calls, []
-                for f, args in calls:
-                    f(*args)
-                time.sleep(0.001)
-
-    reactor = Reactor()
+    reactor = ThreadCallsReactor()
     disk = DiskThread(reactor)
     order, threads_seen = [], set()
 
@@ -318,3 +322,45 @@ def test_disk_thread_runs_jobs_in_order_and_reports_failures():
     assert threading.get_ident() not in threads_seen
     assert results[:3] == [0, 10, 20] and isinstance(results[3], OSError) and results[4:] == [40, 50]
     assert stopped.called
+
+
+def test_disk_thread_commits_a_batch_with_one_fsync_per_directory(tmp_path, monkeypatch):
+    """Group commit: three messages written while the thread was busy form one
+    batch; their directory is fsynced once, and none is reported done before."""
+    import threading
+
+    from agents import durable
+
+    synced = []
+    real = durable._fsync_directory_now
+    monkeypatch.setattr(durable, "_fsync_directory_now", lambda d: synced.append(d) or real(d))
+    reactor = ThreadCallsReactor()
+    disk = durable.DiskThread(reactor)
+    gate, done = threading.Event(), []
+    disk.run(gate.wait, 5)  # holds the thread while the next three queue up
+    for n in range(3):
+        disk.run(durable.write_durably, tmp_path / f"tmp{n}", tmp_path / f"msg{n}", b"x" * n).addCallback(
+            lambda _, n=n: done.append((n, list(synced))))
+    gate.set()
+    stopped = disk.stop()
+    reactor.run_pending(lambda: stopped.called)
+    assert synced == [str(tmp_path)]  # one directory fsync for the three renames
+    assert done == [(n, [str(tmp_path)]) for n in range(3)]  # each reported after it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["msg0", "msg1", "msg2"]
+
+
+def test_a_failed_directory_fsync_fails_the_jobs_that_needed_it(tmp_path, monkeypatch):
+    from agents import durable
+
+    def broken(directory):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(durable, "_fsync_directory_now", broken)
+    reactor = ThreadCallsReactor()
+    disk = durable.DiskThread(reactor)
+    outcomes = []
+    disk.run(durable.write_durably, tmp_path / "t", tmp_path / "m", b"x").addBoth(outcomes.append)
+    disk.run(len, b"abc").addBoth(outcomes.append)  # touched no directory: unaffected
+    stopped = disk.stop()
+    reactor.run_pending(lambda: stopped.called)
+    assert outcomes[0].check(OSError) and outcomes[1] == 3
