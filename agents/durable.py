@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 
-def write_durably(tmp_path: Path, final_path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_durably(tmp_path: str | Path, final_path: str | Path, data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` to ``final_path`` via ``tmp_path``, crash-safely (see above)."""
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
@@ -42,14 +42,14 @@ def write_durably(tmp_path: Path, final_path: Path, data: bytes, mode: int = 0o6
         raise
     os.close(fd)
     os.rename(tmp_path, final_path)
-    fsync_directory(Path(final_path).parent)
+    fsync_directory(os.path.dirname(os.fspath(final_path)))
 
 
 #: Inside a DiskThread batch: the directories whose fsync waits for the batch's end.
 _batch = threading.local()
 
 
-def fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: str | Path) -> None:
     """Make a directory's entries (a rename, an unlink) durable.
 
     Inside a :class:`DiskThread` batch the fsync is only noted: the batch

@@ -160,6 +160,7 @@ def test_per_recipient_refusals_survive_a_whole_transaction_failure(tmp_path):
 import errno
 import json
 import random
+from pathlib import Path
 
 import pytest
 from twisted.python.failure import Failure
@@ -376,7 +377,7 @@ def test_torn_state_file_starts_over_with_every_recipient(tmp_path):
     q.accept("a@x.test", ["b@y.test", "c@y.test"], MESSAGE)
     clock.advance(0)
     (qid,) = q.items
-    state = q.spool._state(qid)
+    state = Path(q.spool._state(qid))
     assert json.loads(state.read_bytes())["pending"] == ["c@y.test"]
     state.write_bytes(b'{"pending": ["c@y')  # the crash tore it
     items, corrupt = Spool(tmp_path / "spool").recover()
