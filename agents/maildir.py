@@ -381,7 +381,13 @@ class Maildir:
         return self.set_flags(key, "".join(sorted(set(current) | set(letters))))
 
     def remove(self, key: str) -> bool:
-        """Delete a message (IMAP EXPUNGE, POP3 DELE+QUIT)."""
+        """Delete a message (IMAP EXPUNGE, POP3 DELE+QUIT).
+
+        Not fsynced, like a flag rename: this runs on the reactor thread,
+        which must never wait for the disk, and a crash right after can only
+        bring a deleted message back, never lose one (Dovecot makes the same
+        trade). Durability matters where a message is *accepted*.
+        """
         path = self.find(key)
         if path is None:
             return False
@@ -390,7 +396,6 @@ class Maildir:
         except FileNotFoundError:
             return False
         self._where.pop(key, None)
-        fsync_directory(path.parent)
         return True
 
     # -- internals ----------------------------------------------------------
