@@ -43,7 +43,7 @@ class AgentContext:
     #: This agent's coursework hooks (an agents.hooks.HookRunner), set by install_hooks.
     hooks: object = None
     #: The one thread that does this agent's disk work (agents.durable.DiskThread).
-    disk: object = None
+    disk: DiskThread | None = None
 
     @property
     def domain(self):
