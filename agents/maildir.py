@@ -283,13 +283,22 @@ class Maildir:
         write_durably(self.path / "tmp" / key, final, content)
         if mtime is not None:
             os.utime(final, (mtime, mtime))
+        appended = None
         with self._locked():
             uidlist = self._read_uidlist()
             uid = uidlist.assign(key)
             if self._uidlist_path.exists():
-                self._append_uid(uidlist, key, uid)
+                appended = self._append_uid(uidlist, key, uid)
             else:
                 self._write_uidlist(uidlist)
+        if appended is not None:
+            # The fsync waits for the disk, so it runs after the lock is given
+            # back: an IMAP session scanning on the reactor thread takes that
+            # lock, and must never wait for our disk.
+            try:
+                os.fsync(appended)
+            finally:
+                os.close(appended)
         return key, uid
 
     # -- reading ------------------------------------------------------------
@@ -463,22 +472,24 @@ class Maildir:
         write_durably(tmp, self._uidlist_path, uidlist.render())
         self._uidlist_cache[self._uidlist_path] = (self._uidlist_signature(), uidlist)
 
-    def _append_uid(self, uidlist: _UidList, key: str, uid: int) -> None:
+    def _append_uid(self, uidlist: _UidList, key: str, uid: int) -> int:
         """Add one record at the end, as Dovecot does (call with the lock held).
 
-        One small append and one fsync, instead of rewriting the whole list
-        at every delivery. A crash can only lose the last record, never the
-        message: the next scan gives the file a UID again.
+        One small append instead of rewriting the whole list at every
+        delivery. Returns the open file: the caller fsyncs it, once the lock
+        is released, and closes it. A crash before that can only lose the
+        last record, never the message: the next scan gives the file a UID again.
         """
         self._uidlist_cache.pop(self._uidlist_path, None)
         fd = os.open(self._uidlist_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         try:
             os.write(fd, f"{uid} :{key}\n".encode())
-            os.fsync(fd)
             st = os.fstat(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         self._uidlist_cache[self._uidlist_path] = ((st.st_ino, st.st_size, st.st_mtime_ns), uidlist)
+        return fd
 
 
 # --------------------------------------------------------------------------

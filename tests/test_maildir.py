@@ -364,3 +364,32 @@ def test_a_failed_directory_fsync_fails_the_jobs_that_needed_it(tmp_path, monkey
     stopped = disk.stop()
     reactor.run_pending(lambda: stopped.called)
     assert outcomes[0].check(OSError) and outcomes[1] == 3
+
+
+def test_the_uid_record_is_fsynced_outside_the_lock(tmp_path, monkeypatch):
+    """IMAP sessions scan (and take the UID lock) on the reactor thread: a
+    delivery must not hold that lock while it waits for the disk."""
+    import fcntl
+    import os as os_module
+
+    box = Maildir(tmp_path / "m")
+    box.deliver(b"Subject: first\r\n\r\n1\r\n")  # creates the UID list
+    lock_free_at_fsync = []
+    real_fsync = os_module.fsync
+
+    def fsync(fd):
+        probe = os_module.open(box._lock_path, os_module.O_RDWR)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the lock is held
+            lock_free_at_fsync.append(os_module.readlink(f"/proc/self/fd/{fd}"))
+        except BlockingIOError:
+            lock_free_at_fsync.append(None)
+        finally:
+            os_module.close(probe)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os_module, "fsync", fsync)
+    key, uid = box.deliver_with_uid(b"Subject: second\r\n\r\n2\r\n")
+    record_syncs = [p for p in lock_free_at_fsync if p is None or p.endswith(UIDLIST_NAME)]
+    assert record_syncs == [str(box._uidlist_path)]  # synced, and with the lock free
+    assert uid == 2 and box.scan().uid_next == 3
