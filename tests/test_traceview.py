@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 import time
@@ -372,6 +373,18 @@ def test_real_journey_has_every_hop_in_order(traced):
         assert all(e.get("message_id") in (None, trip.message_id) for e in trip.events)
     arrivals = [e for e in events if e["event"] in ("spooled", "stored") and e.get("message_id") in ids]
     assert arrivals and all(e.get("conn") for e in arrivals)
+
+
+def test_every_hop_sends_its_message_with_bdat(traced):
+    """CHUNKING between every pair of agents: the submission, both relays and
+    LMTP each carry the message as BDAT <size> LAST, never DATA (RFC 3030)."""
+    _lab, ids, events = traced
+    for mid in ids:
+        trip = journey(events, mid)
+        for hop in trip.hops[:4]:
+            commands = [text for _, d, text in hop_transcript(events, hop) if d == "C"]
+            assert any(re.fullmatch(r"BDAT \d+ LAST", c) for c in commands), (hop.label, commands)
+            assert "DATA" not in commands, (hop.label, commands)
 
 
 def test_real_dns_lookups_are_tagged_with_their_message_or_session(traced):
