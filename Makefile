@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-debian-tools:         ## swaks and curl for the interop tests (installed with apt-get when missing)
+debian-tools:         ## swaks, curl, postfix and dovecot for the interop tests (apt-get, when missing)
 	@bash scripts/debian-tools.sh
 
 clean:
