@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Iterator
 from twisted.internet import threads
 from twisted.python import log
 
-from agents.durable import fsync_directory, write_durably
+from agents.durable import write_durably
 
 INBOX = "INBOX"
 #: The hierarchy delimiter of Maildir++ folder names, also used over IMAP.
@@ -229,10 +229,17 @@ class _UidList:
 class Maildir:
     """One Maildir folder: ``tmp/``, ``new/``, ``cur/`` and the UID list.
 
-    ``deliver`` blocks (it fsyncs), so the MDA calls it in a thread; the
-    other methods are quick and meant for the reactor thread. Flag renames
-    are not fsynced: after a crash a message is still there, under its old
-    or new name, so at worst a \\Seen flag is lost, as with Dovecot.
+    What waits for the disk, and what does not (the whole policy, here):
+
+    * ``deliver`` fsyncs (the message, its directory, its UID record), so
+      the MDA calls it in its disk thread and says 250 only after it;
+    * everything else is quick and meant for the reactor thread, which must
+      never wait for the disk, so it is not fsynced: flag renames, expunges
+      (:meth:`remove`), folder deletes and renames, subscriptions. A crash
+      can at worst undo one of them (a \\Seen flag lost, a deleted message
+      or folder back), never lose a message; Dovecot makes the same trade.
+      The one exception is a scan that finds files without a UID (put there
+      by hand, or left by a crash): it rewrites the UID list durably.
     """
 
     _counter = itertools.count(1)
@@ -582,8 +589,7 @@ class MailStore:
             os.rmdir(path / sub)
         for entry in os.scandir(path):
             os.unlink(entry.path)
-        os.rmdir(path)
-        fsync_directory(path.parent)
+        os.rmdir(path)  # not fsynced: see Maildir
 
     def rename_folder(self, address: str, old: str, new: str) -> None:
         """Rename a folder and its subfolders (``A`` -> ``B`` moves ``A.x`` to ``B.x``)."""
@@ -600,7 +606,7 @@ class MailStore:
         for src, dst in moves:
             check_folder_name(dst)
             os.rename(self.folder_path(address, src, False), self.folder_path(address, dst, False))
-        fsync_directory(self.user_path(address))
+        # not fsynced: see Maildir
 
     def subscriptions(self, address: str) -> list[str]:
         """Maildir++ ``subscriptions``: the folders IMAP LSUB lists."""
@@ -614,9 +620,8 @@ class MailStore:
         user = self.user_path(address)
         data = "".join(name + "\n" for name in dict.fromkeys(names)).encode()
         tmp = user / "subscriptions.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        write_durably(tmp, user / "subscriptions", data)
+        tmp.write_bytes(data)
+        os.replace(tmp, user / "subscriptions")  # whole or not at all; not fsynced: see Maildir
 
     # -- delivery and notification -------------------------------------------
 
