@@ -89,7 +89,7 @@ class DiskThread:
     durable), and only then go the results back to the reactor, all in one
     ``callFromThread``. When the disk is slow, jobs pile up, batches grow,
     and the cost per message falls: the same idea as a database's group
-    commit, or Postfix's many cleanup processes sharing one journal.
+    commit.
     """
 
     _STOP = object()
