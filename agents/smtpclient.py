@@ -923,10 +923,11 @@ class SessionProtocol(smtp.ESMTPClient):
             self._settle_accepted(code, resp)
             # The transaction is still open on the server: RSET before the next.
             return self._finish_transaction(reset=True, closing=code == 421)
-        self.transport.write(tx.message.payload)
+        payload = tx.message.payload  # dot-stuffed on each access: once here
+        self.transport.write(payload)
         tx.data_sent = True
         self.stage = "end of data"
-        tx.tracer.event("relay.data", conn=self.conn_id, octets=len(tx.message.payload))
+        tx.tracer.event("relay.data", conn=self.conn_id, octets=len(payload))
         self.resetTimeout()
         if self.options.lmtp:
             tx.awaiting_lmtp = list(tx.accepted)

@@ -319,6 +319,17 @@ class _MessageBuffer:
         self.state = state
         self._parts = []  # keep nothing we are going to refuse
 
+    def _line_fault(self, text: bytes) -> DataState | None:
+        """What is wrong with ``text`` (whole lines) under RFC 5321's line rules,
+        checked in a few C-speed passes: a bare CR or LF (2.3.8), or a line
+        longer than ``max_line`` with its CRLF (4.5.3.1.6)."""
+        crlf = text.count(b"\r\n")
+        if text.count(b"\n") != crlf or text.count(b"\r") != crlf:
+            return DataState.BAD_NEWLINE
+        if text and max(map(len, text.split(b"\r\n"))) + 2 > self.max_line:
+            return DataState.TOO_LONG
+        return None
+
     def content(self) -> bytes:
         return b"".join(self._parts)
 
@@ -359,11 +370,9 @@ class ChunkReader(_MessageBuffer):
         text = self.content()
         if text and not text.endswith(b"\r\n"):
             text += b"\r\n"
-        crlf = text.count(b"\r\n")
-        if text.count(b"\n") != crlf or text.count(b"\r") != crlf:
-            self._fail(DataState.BAD_NEWLINE)
-        elif text and max(map(len, text.split(b"\r\n"))) + 2 > self.max_line:
-            self._fail(DataState.TOO_LONG)
+        fault = self._line_fault(text)
+        if fault is not None:
+            self._fail(fault)
         else:
             self._parts = [text]
 
@@ -426,11 +435,8 @@ class MessageReader(_MessageBuffer):
             return 0, False  # nothing whole yet, or the final dot itself: feed() takes it
         stop = buffer.find(b"\r\n.\r\n", 0, end)
         text = bytes(buffer[: stop + 2 if stop >= 0 else end])
-        crlf = text.count(b"\r\n")
         unstuffed = (text[1:] if text.startswith(b".") else text).replace(b"\r\n.", b"\r\n")
-        if (text.count(b"\n") != crlf or text.count(b"\r") != crlf
-                or max(map(len, text.split(b"\r\n"))) + 2 > self.max_line
-                or self.size + len(unstuffed) > self.max_size):
+        if self._line_fault(text) is not None or self.size + len(unstuffed) > self.max_size:
             self.fast = False
             return 0, False
         self.size += len(unstuffed)
