@@ -24,25 +24,45 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 
-def write_durably(tmp_path: str | Path, final_path: str | Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``final_path`` via ``tmp_path``, crash-safely (see above)."""
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+def write_durably(tmp_path: str | Path, final_path: str | Path, data: bytes, mode: int = 0o600,
+                  reuse: str | Path | None = None) -> None:
+    """Write ``data`` to ``final_path`` via ``tmp_path``, crash-safely (see above).
+
+    ``reuse`` names an old file, no longer needed, to overwrite instead of
+    creating ``tmp_path``: it plays the part of the temporary file (written,
+    cut to length, fsynced, renamed), and the file system allocates no new
+    inode (see :mod:`agents.spool`, which recycles its files so).
+    """
+    fd = _reopen(reuse) if reuse is not None else None
+    if fd is None:  # nothing to reuse (or it is gone): a new file, as usual
+        reuse, fd = None, os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    written_path = reuse if reuse is not None else tmp_path
     try:
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
             view = view[written:]
+        if reuse is not None:
+            os.ftruncate(fd, len(data))  # the old contents may have been longer
         os.fsync(fd)
     except BaseException:
         os.close(fd)
         try:
-            os.unlink(tmp_path)
+            os.unlink(written_path)
         except OSError:
             pass
         raise
     os.close(fd)
-    os.rename(tmp_path, final_path)
+    os.rename(written_path, final_path)
     fsync_directory(os.path.dirname(os.fspath(final_path)))
+
+
+def _reopen(path) -> int | None:
+    """A descriptor to overwrite ``path`` with, or None if it cannot be had."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
 
 
 #: Inside a DiskThread batch: the directories whose fsync waits for the batch's end.

@@ -168,6 +168,9 @@ from twisted.python.failure import Failure
 from agents.dsn import make_dsn
 from agents.queue import (POSTFIX_LIFETIME, POSTFIX_RETRY_MAX, POSTFIX_RETRY_MIN, NoSuchMessage, backoff,
                           queue_settings, spool_failure_reply)
+import os
+
+import agents.spool as spool_module
 from agents.spool import CorruptSpoolFile, QueuedMessage
 
 
@@ -405,6 +408,45 @@ def test_orphan_state_files_are_cleared_and_scan_is_read_only(tmp_path):
     assert (spool.tmp / "half").exists()  # scan() touches nothing
     spool.recover()
     assert not (spool.queue / "GONE.state").exists() and not (spool.tmp / "half").exists()
+
+
+def test_finished_files_are_recycled_not_deleted(tmp_path):
+    """The spool reuses a finished message's inode for the next one (see agents.spool)."""
+    spool = Spool(tmp_path / "spool")
+    spool.store(QueuedMessage("FIRST", "a@x.test", ["b@y.test"]), MESSAGE + b"x" * 500)
+    inode = os.stat(spool.queue / "FIRST.msg").st_ino
+    spool.remove("FIRST")
+    assert not (spool.queue / "FIRST.msg").exists() and (spool.free / "FIRST").exists()
+    spool.store(QueuedMessage("SECOND", "a@x.test", ["c@y.test"]), MESSAGE)
+    assert os.stat(spool.queue / "SECOND.msg").st_ino == inode  # the same file, overwritten
+    assert list(spool.free.iterdir()) == [] and list(spool.tmp.iterdir()) == []
+    loaded = spool.load("SECOND")  # cut to the new, shorter length: nothing of FIRST is left
+    assert loaded.recipients == ["c@y.test"] and spool.content("SECOND") == MESSAGE
+
+
+def test_free_files_are_bounded_and_cleared_at_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_module, "MAX_FREE_FILES", 2)
+    spool = Spool(tmp_path / "spool")
+    for n in range(3):
+        spool.store(QueuedMessage(f"M{n}", "a@x.test", ["b@y.test"]), MESSAGE)
+    for n in range(3):
+        spool.remove(f"M{n}")
+    assert sorted(p.name for p in spool.free.iterdir()) == ["M0", "M1"]  # the third was deleted
+    assert list(spool.queue.iterdir()) == []
+    # A free file a new message was being written over when the agent died:
+    (spool.free / "M0").write_bytes(b"half of a new message")
+    restarted = Spool(tmp_path / "spool")
+    assert restarted.recover() == ([], [])
+    assert list(restarted.free.iterdir()) == []  # trust nothing unsynced
+
+
+def test_a_vanished_free_file_means_a_new_file(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.store(QueuedMessage("OLD", "a@x.test", ["b@y.test"]), MESSAGE)
+    spool.remove("OLD")
+    (spool.free / "OLD").unlink()  # an operator cleaned up by hand
+    spool.store(QueuedMessage("NEW", "a@x.test", ["b@y.test"]), MESSAGE)
+    assert spool.content("NEW") == MESSAGE
 
 
 # ---------------------------------------------------------------------------
