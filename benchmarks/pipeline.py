@@ -52,6 +52,10 @@ PIPELINE = ("msa.sender.test", "mta.sender.test", "mta.recipient.test", "mda.rec
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+#: every lab home this run made (deleted at the end unless --keep)
+HOMES: list[Path] = []
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc/PID/stat (fields 14, 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -77,6 +81,7 @@ def bench(lab: Lab, messages: int, concurrency: int, size: int, open_loop: bool 
 def one_lab(args, trace: bool, subnet: int) -> dict:
     config = benchmark_config(LabConfig.load(None).relocated(subnet), trace)
     home = Path(tempfile.mkdtemp(prefix="mailpipe-pipeline-"))
+    HOMES.append(home)
     lab = Lab(home, config)
     lab.up()
     try:
@@ -92,8 +97,6 @@ def one_lab(args, trace: bool, subnet: int) -> dict:
                                                          open_loop=True)
     finally:
         lab.down()
-        if not args.keep:
-            shutil.rmtree(home, ignore_errors=True)
     return {"trace": trace, "single": single, "sustained": sustained, "capacity": capacity,
             "cpu_ms_per_message": cpu_ms, "sustained_wall_s": round(wall, 2),
             "home": str(home) if args.keep else None}
@@ -134,12 +137,20 @@ def main(argv=None) -> int:
 
     settings = {"on": [True], "off": [False], "both": [True, False]}[args.trace]
     rows, subnet = [], args.subnet
-    for trace in settings:
-        for run in range(args.runs):
-            print(f"[pipeline] trace {'on' if trace else 'off'}, run {run + 1}: lab on 127.{subnet}.x.y",
-                  file=sys.stderr, flush=True)
-            rows.append(one_lab(args, trace, subnet))
-            subnet = subnet + 1 if subnet < 250 else args.subnet
+    try:
+        for trace in settings:
+            for run in range(args.runs):
+                print(f"[pipeline] trace {'on' if trace else 'off'}, run {run + 1}: lab on 127.{subnet}.x.y",
+                      file=sys.stderr, flush=True)
+                rows.append(one_lab(args, trace, subnet))
+                subnet = subnet + 1 if subnet < 250 else args.subnet
+    finally:
+        if not args.keep:
+            # Only now: deleting a lab's thousands of files between runs would slow
+            # the next lab, because ext4 without a journal makes every new inode skip
+            # the ones freed in the last minutes (see agents/spool.py).
+            for home in HOMES:
+                shutil.rmtree(home, ignore_errors=True)
     print(summary(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -433,8 +433,18 @@ def test_free_files_are_bounded_and_cleared_at_start(tmp_path, monkeypatch):
         spool.remove(f"M{n}")
     assert sorted(p.name for p in spool.free.iterdir()) == ["M0", "M1"]  # the third was deleted
     assert list(spool.queue.iterdir()) == []
+    for n in range(2):
+        spool.store(QueuedMessage(f"N{n}", "a@x.test", ["b@y.test"]), MESSAGE)  # reuses M1, M0
+    monkeypatch.setattr(spool_module, "MAX_FREE_SIZE", len(MESSAGE))
+    spool.store(QueuedMessage("BIG", "a@x.test", ["b@y.test"]), MESSAGE)
+    spool.remove("BIG")  # envelope line + message: over the size limit, so deleted
+    assert list(spool.free.iterdir()) == []
+    monkeypatch.setattr(spool_module, "MAX_FREE_SIZE", 64 * 1024)
+    spool.remove("N0")
+    spool.remove("N1")
     # A free file a new message was being written over when the agent died:
-    (spool.free / "M0").write_bytes(b"half of a new message")
+    assert sorted(p.name for p in spool.free.iterdir()) == ["N0", "N1"]
+    (spool.free / "N0").write_bytes(b"half of a new message")
     restarted = Spool(tmp_path / "spool")
     assert restarted.recover() == ([], [])
     assert list(restarted.free.iterdir()) == []  # trust nothing unsynced
