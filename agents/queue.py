@@ -460,4 +460,4 @@ class DeliveryQueue:
         self.stats["deleted"] += 1
         self.tracer.event("deleted", queue_id=queue_id, message_id=item.message_id,
                           pending=item.pending)
-        return self._blocking(self.spool.remove, queue_id)
+        return self._blocking(self.spool.remove, queue_id, recycle=False)

@@ -139,11 +139,12 @@ class Spool:
             f.readline()
             return f.read()
 
-    def remove(self, qid: str) -> None:
+    def remove(self, qid: str, recycle: bool = True) -> None:
         """Forget a finished message. A crash before this only causes a duplicate.
 
         Its file goes to ``free/`` for the next message to overwrite (see the
-        module's docstring), unless enough wait there already.
+        module's docstring), unless enough wait there already or ``recycle``
+        is false: a message an operator deleted is deleted, not kept around.
         """
         try:
             os.unlink(self._state(qid))
@@ -151,7 +152,7 @@ class Spool:
             pass
         msg = self._msg(qid)
         try:
-            if len(self._free_files) < MAX_FREE_FILES and os.stat(msg).st_size <= MAX_FREE_SIZE:
+            if recycle and len(self._free_files) < MAX_FREE_FILES and os.stat(msg).st_size <= MAX_FREE_SIZE:
                 spare = os.path.join(self._free_dir, qid)
                 os.rename(msg, spare)
                 self._free_files.append(spare)

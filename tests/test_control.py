@@ -50,7 +50,7 @@ def agent(tmp_path, with_queue=True):
             return defer.succeed([Outcome(r, 451, "4.4.1", "connection refused") for r in item.pending])
 
         queue = DeliveryQueue(Spool(tmp_path / "spool"), transport, reactor=clock, retry_min=60, retry_max=60,
-                              run_blocking=lambda f, *a: defer.maybeDeferred(f, *a))
+                              run_blocking=lambda f, *a, **k: defer.maybeDeferred(f, *a, **k))
     return AgentControl(ctx, queue=queue, listen=False), clock
 
 

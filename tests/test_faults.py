@@ -202,7 +202,7 @@ def test_disk_full_fault_makes_the_mta_answer_452_4_3_1(tmp_path):
     faults = FaultSet()
     spool = Spool(tmp_path / "spool")
     queue = DeliveryQueue(FaultySpool(spool, faults), lambda item, content: defer.Deferred(),
-                          reactor=ctx.reactor, run_blocking=lambda f, *a: defer.maybeDeferred(f, *a))
+                          reactor=ctx.reactor, run_blocking=lambda f, *a, **k: defer.maybeDeferred(f, *a, **k))
     faults.add("disk-full", count=1)
     proto, t, _ = connect(handler=TransferPolicy(ctx, queue))
     replies(t)
@@ -226,7 +226,7 @@ def test_unwritable_spool_directory_is_452_too(tmp_path):
 
     ctx = mta_context(tmp_path)
     queue = DeliveryQueue(ReadOnlySpool(tmp_path / "s"), lambda i, c: defer.Deferred(), reactor=ctx.reactor,
-                          run_blocking=lambda f, *a: defer.maybeDeferred(f, *a))
+                          run_blocking=lambda f, *a, **k: defer.maybeDeferred(f, *a, **k))
     proto, t, _ = connect(handler=TransferPolicy(ctx, queue))
     replies(t)
     transaction(proto, t, rcpt=b"bob@recipient.test")

@@ -14,8 +14,8 @@ from agents.spool import Spool
 MESSAGE = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: s\r\nMessage-ID: <1@x.test>\r\n\r\nbody\r\n"
 
 
-def sync(f, *args):
-    return defer.maybeDeferred(f, *args)
+def sync(f, *args, **kwargs):
+    return defer.maybeDeferred(f, *args, **kwargs)
 
 
 class FakeTransport:
@@ -489,6 +489,7 @@ def test_hold_release_flush_and_delete(tmp_path):
     q.delete(qid)
     clock.advance(1000)
     assert len(transport.calls) == 4 and q.items == {} and list(q.spool.queue.iterdir()) == []
+    assert list(q.spool.free.iterdir()) == []  # deleted by an operator: gone, not kept for reuse
     with pytest.raises(NoSuchMessage):
         q.hold(qid)
 
