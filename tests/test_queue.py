@@ -450,6 +450,24 @@ def test_free_files_are_bounded_and_cleared_at_start(tmp_path, monkeypatch):
     assert list(restarted.free.iterdir()) == []  # trust nothing unsynced
 
 
+def test_a_failed_write_over_a_free_file_leaves_nothing_behind(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "spool")
+    spool.store(QueuedMessage("OLD", "a@x.test", ["b@y.test"]), MESSAGE)
+    spool.remove("OLD")
+
+    def disk_error(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", disk_error)
+    with pytest.raises(OSError):
+        spool.store(QueuedMessage("NEW", "a@x.test", ["b@y.test"]), MESSAGE)
+    monkeypatch.undo()
+    # No half-overwritten file is left anywhere, and none is counted as free:
+    assert [list(d.iterdir()) for d in (spool.queue, spool.free, spool.tmp)] == [[], [], []]
+    spool.store(QueuedMessage("NEXT", "a@x.test", ["b@y.test"]), MESSAGE)
+    assert spool.content("NEXT") == MESSAGE
+
+
 def test_a_vanished_free_file_means_a_new_file(tmp_path):
     spool = Spool(tmp_path / "spool")
     spool.store(QueuedMessage("OLD", "a@x.test", ["b@y.test"]), MESSAGE)
