@@ -55,6 +55,10 @@ def write_durably(tmp_path: str | Path, final_path: str | Path, data: bytes, mod
     os.close(fd)
     os.rename(written_path, final_path)
     fsync_directory(os.path.dirname(os.fspath(final_path)))
+    if reuse is not None:
+        # The rename took the file out of another directory: sync that one too,
+        # so that after a crash the file has one name, never two.
+        fsync_directory(os.path.dirname(os.fspath(reuse)))
 
 
 def _reopen(path) -> int | None:

@@ -171,6 +171,7 @@ from agents.queue import (POSTFIX_LIFETIME, POSTFIX_RETRY_MAX, POSTFIX_RETRY_MIN
 import os
 
 import agents.spool as spool_module
+from agents import durable
 from agents.spool import CorruptSpoolFile, QueuedMessage
 
 
@@ -410,15 +411,20 @@ def test_orphan_state_files_are_cleared_and_scan_is_read_only(tmp_path):
     assert not (spool.queue / "GONE.state").exists() and not (spool.tmp / "half").exists()
 
 
-def test_finished_files_are_recycled_not_deleted(tmp_path):
+def test_finished_files_are_recycled_not_deleted(tmp_path, monkeypatch):
     """The spool reuses a finished message's inode for the next one (see agents.spool)."""
     spool = Spool(tmp_path / "spool")
     spool.store(QueuedMessage("FIRST", "a@x.test", ["b@y.test"]), MESSAGE + b"x" * 500)
     inode = os.stat(spool.queue / "FIRST.msg").st_ino
     spool.remove("FIRST")
     assert not (spool.queue / "FIRST.msg").exists() and (spool.free / "FIRST").exists()
+    synced = []
+    monkeypatch.setattr(durable, "_fsync_directory_now", synced.append)
     spool.store(QueuedMessage("SECOND", "a@x.test", ["c@y.test"]), MESSAGE)
     assert os.stat(spool.queue / "SECOND.msg").st_ino == inode  # the same file, overwritten
+    # The rename left free/ and entered queue/: both are made durable, so a
+    # crash cannot leave the file with two names.
+    assert sorted(synced) == sorted([str(spool.queue), str(spool.free)])
     assert list(spool.free.iterdir()) == [] and list(spool.tmp.iterdir()) == []
     loaded = spool.load("SECOND")  # cut to the new, shorter length: nothing of FIRST is left
     assert loaded.recipients == ["c@y.test"] and spool.content("SECOND") == MESSAGE
