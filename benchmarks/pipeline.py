@@ -52,10 +52,6 @@ PIPELINE = ("msa.sender.test", "mta.sender.test", "mta.recipient.test", "mda.rec
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-#: every lab home this run made (deleted at the end unless --keep)
-HOMES: list[Path] = []
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc/PID/stat (fields 14, 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -78,10 +74,9 @@ def bench(lab: Lab, messages: int, concurrency: int, size: int, open_loop: bool 
     return figures
 
 
-def one_lab(args, trace: bool, subnet: int) -> dict:
+def one_lab(args, trace: bool, subnet: int, homes: Path) -> dict:
     config = benchmark_config(LabConfig.load(None).relocated(subnet), trace)
-    home = Path(tempfile.mkdtemp(prefix="mailpipe-pipeline-"))
-    HOMES.append(home)
+    home = Path(tempfile.mkdtemp(prefix="lab-", dir=homes))
     lab = Lab(home, config)
     lab.up()
     try:
@@ -137,20 +132,21 @@ def main(argv=None) -> int:
 
     settings = {"on": [True], "off": [False], "both": [True, False]}[args.trace]
     rows, subnet = [], args.subnet
+    # Every lab's home goes in one directory, deleted only after the last run:
+    # deleting a lab's thousands of files between runs would slow the next lab,
+    # because ext4 without a journal makes every new inode skip the ones freed
+    # in the last minutes (see agents/spool.py).
+    homes = Path(tempfile.mkdtemp(prefix="mailpipe-pipeline-"))
     try:
         for trace in settings:
             for run in range(args.runs):
                 print(f"[pipeline] trace {'on' if trace else 'off'}, run {run + 1}: lab on 127.{subnet}.x.y",
                       file=sys.stderr, flush=True)
-                rows.append(one_lab(args, trace, subnet))
+                rows.append(one_lab(args, trace, subnet, homes))
                 subnet = subnet + 1 if subnet < 250 else args.subnet
     finally:
         if not args.keep:
-            # Only now: deleting a lab's thousands of files between runs would slow
-            # the next lab, because ext4 without a journal makes every new inode skip
-            # the ones freed in the last minutes (see agents/spool.py).
-            for home in HOMES:
-                shutil.rmtree(home, ignore_errors=True)
+            shutil.rmtree(homes, ignore_errors=True)
     print(summary(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
