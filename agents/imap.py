@@ -231,7 +231,18 @@ class MaildirMessage(MimePart):
         return email.utils.formatdate(os.stat(path).st_mtime, usegmt=True)
 
     def message_id(self) -> str | None:
-        return self.getHeaders(False, "message-id").get("message-id")
+        """The Message-ID, unfolded, for the trace (RFC 5322 3.6.4).
+
+        A scan of the header lines, not a parse by the ``email`` package:
+        this runs for every message a client fetches, and in a profile of
+        the benchmark the full parse took about a tenth of the MDA's CPU.
+        """
+        header, _ = split_header_body(self.raw())
+        for name, field in _header_fields(header):
+            if name == "message-id":
+                value = field.split(b":", 1)[1].decode("utf-8", "replace")
+                return " ".join(value.split()) or None
+        return None
 
 
 # --------------------------------------------------------------------------

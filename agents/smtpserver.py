@@ -498,6 +498,8 @@ class SMTPServer(smtp.ESMTP):
         self._chunk_last = False  # the current chunk is BDAT ... LAST
         self._chunk_refusal: Reply | None = None  # the answer to a chunk we only skip
         self._waiting = False  # a reply is pending: read no further lines
+        self._out: list[bytes] = []  # replies held back to go out together (_flush)
+        self._holding = False  # _drain is working through pipelined input
         self._closing = False
         self._paused = False  # we paused the transport (flow control)
         self._refused = False  # handle_CONNECT refused: only QUIT (RFC 5321 3.1)
@@ -584,6 +586,7 @@ class SMTPServer(smtp.ESMTP):
         self._drain()
 
     def _drain(self) -> None:
+        self._holding = True
         while not self._waiting and not self._closing:
             if self._mode is _Mode.CHUNK:
                 if not self._buffer:
@@ -608,6 +611,9 @@ class SMTPServer(smtp.ESMTP):
                 self._auth_line(line)
             else:
                 self._command_line(line)
+        if not self._waiting:  # from here on we wait for the client
+            self._holding = False
+            self._flush()
         self._flow_control()
 
     def _flow_control(self) -> None:
@@ -633,14 +639,35 @@ class SMTPServer(smtp.ESMTP):
         self._send(Reply(code, "", message.decode("ascii", "replace")))
 
     def _send(self, reply: Reply, verb: str = "") -> None:
+        """Answer the client; while pipelined input is being worked through,
+        the answer waits in ``_out`` to go out with the ones after it.
+
+        RFC 2920 3.2 lets a server hold the replies to a group of commands and
+        send them as a unit, as long as it never waits for *input* with
+        replies unsent. So :meth:`_drain` flushes whenever it runs out of
+        input. While a hook is pending (a BDAT LAST waiting for its fsync)
+        nothing is read, so the replies to MAIL and RCPT wait for the one to
+        the message, and the client gets all three in one segment: one
+        ``send`` and one wake-up for the pair of processes instead of two.
+        """
         for line in reply.lines():
             self.tracer.line(self.session.conn_id, "S", line, peer=self.session.peer)
-            self.transport.write(line + b"\r\n")
+            self._out.append(line + b"\r\n")
+        if not self._holding:
+            self._flush()
         if reply.code >= 400:
             self._event("smtp.reject", code=reply.code, status=reply.status, command=verb or None)
 
-    def _close_with(self, reply: Reply) -> None:
-        self._send(reply)
+    def _flush(self) -> None:
+        """Write the replies held back so far, in order, in one write."""
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            self.transport.write(data)
+
+    def _close_with(self, reply: Reply, verb: str = "") -> None:
+        self._send(reply, verb)
+        self._flush()
         self._closing = True
         self.transport.loseConnection()
 
@@ -943,10 +970,7 @@ class SMTPServer(smtp.ESMTP):
         if not m:
             # Without a size nobody can tell where the chunk ends: no way back
             # into step, so we hang up after saying why (as Postfix does).
-            self._send(Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]"), "BDAT")
-            self._closing = True
-            self.transport.loseConnection()
-            return
+            return self._close_with(Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]"), "BDAT")
         size, self._chunk_last = int(m.group(1)), m.group(2) is not None
         self._chunk_refusal = self._not_ready_for_data()
         if self._chunk_refusal is None and self._chunks is None:
@@ -1066,6 +1090,7 @@ class SMTPServer(smtp.ESMTP):
         if discarded:
             self._security("security.starttls_injection", discarded=discarded)
         self._send(Reply(220, "2.0.0", "Ready to start TLS"))
+        self._flush()  # the 220 goes in plaintext, before the handshake
         # RFC 3207 4.2: forget everything learnt from the client so far.
         self._logout()
         self.session.helo, self.session.esmtp = None, False

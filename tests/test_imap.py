@@ -323,6 +323,22 @@ def test_trace_masks_the_password_and_records_events(tmp_path):
     assert fetch["uid"] == 1 and fetch["message_id"] == "<m1@lab.test>"
 
 
+@pytest.mark.parametrize("content, expected", [
+    (b"Subject: a\r\nMessage-ID:\r\n <folded@lab.test>\r\n\r\nbody\r\n", "<folded@lab.test>"),
+    (b"Subject: a\nmessage-id: <lf@lab.test>\n\nMessage-ID: <body@x>\n", "<lf@lab.test>"),
+    (b"Subject: none\r\n\r\nMessage-ID: <in-body@x>\r\n", None),
+])  # fmt: skip
+def test_fetch_event_names_the_message_id_from_the_header_only(tmp_path, content, expected):
+    path = tmp_path / "trace.jsonl"
+    client = Client(tmp_path, tracer=Tracer(path, "mda", "mda", "lab.test"))
+    client.deliver(content)
+    client.login()
+    client.send(b"s SELECT INBOX", b"f FETCH 1 BODY.PEEK[HEADER.FIELDS (SUBJECT)]")
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    fetch = next(e for e in events if e["event"] == "imap.fetch")
+    assert fetch.get("message_id") == expected
+
+
 # --------------------------------------------------------------------------
 # Real loopback: imaplib, STARTTLS, the lab CA
 

@@ -53,6 +53,7 @@ class FakeTLSTransport(StringTransport):
 
     def startTLS(self, ctx, normal=True):
         self.tls_contexts.append(ctx)
+        self.sent_before_tls = self.value()  # what went out in plaintext
 
 
 class RecordingHandler(SMTPHandler):
@@ -343,6 +344,14 @@ def test_starttls_discards_pipelined_injection():
     assert talk(proto, t, b"MAIL FROM:<a@lab.test>\r\n") == [b"503 5.5.1 Send HELO/EHLO first"]
 
 
+def test_replies_held_for_a_group_go_out_in_plaintext_before_the_handshake():
+    transport = FakeTLSTransport()
+    proto, t, _ = connect(transport=transport)
+    ehlo(proto, t)
+    talk(proto, t, b"NOOP\r\nSTARTTLS\r\n")
+    assert transport.sent_before_tls == b"250 2.0.0 OK\r\n220 2.0.0 Ready to start TLS\r\n"
+
+
 def test_starttls_resets_session_and_is_not_offered_twice():
     proto, t, _ = connect(transport=FakeTLSTransport())
     ehlo(proto, t, b"before.test")
@@ -541,6 +550,65 @@ def test_pending_data_verdict_holds_later_commands_and_250_only_when_handler_say
     assert talk(proto, t, b"QUIT\r\n") == []
     verdict.callback(Reply(250, "2.0.0", "Ok: queued as 42"))
     assert replies(t) == [b"250 2.0.0 Ok: queued as 42", b"221 2.0.0 mx.lab.test closing connection"]
+
+
+class WriteCounter(StringTransport):
+    """A StringTransport that counts its ``write`` calls: one call, one segment sent."""
+
+    def __init__(self):
+        super().__init__(peerAddress=PEER)
+        self.writes = 0
+
+    def write(self, data):
+        self.writes += 1
+        super().write(data)
+
+
+def test_replies_to_a_pipelined_transaction_go_out_together_after_the_message_is_safe():
+    """RFC 2920 3.2: MAIL and RCPT replies wait for the BDAT LAST verdict, then all
+    three leave in one write (one send, one wake-up of the client)."""
+    verdict = defer.Deferred()
+    t = WriteCounter()
+    proto, _, _ = connect(ServerPolicy(hostname="mx.lab.test"),
+                          handler=RecordingHandler(DATA=lambda *a: verdict), transport=t)
+    ehlo(proto, t)
+    t.writes = 0
+    assert talk(proto, t, b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<bob@lab.test>\r\n"
+                          b"BDAT 4 LAST\r\nhi\r\n") == []
+    verdict.callback(Reply(250, "2.0.0", "Ok: queued as 42"))
+    assert replies(t) == [b"250 2.1.0 Sender OK", b"250 2.1.5 Recipient OK", b"250 2.0.0 Ok: queued as 42"]
+    assert t.writes == 1
+
+
+def test_replies_are_flushed_before_the_server_waits_for_input():
+    """Never wait for the client with replies unsent (RFC 2920 3.2): a client that
+    does not pipeline gets each answer at once, and so does one that sends DATA."""
+    t = WriteCounter()
+    proto, _, _ = connect(ServerPolicy(hostname="mx.lab.test"), transport=t)
+    ehlo(proto, t)
+    assert talk(proto, t, b"MAIL FROM:<alice@sender.test>\r\n") == [b"250 2.1.0 Sender OK"]
+    t.writes = 0
+    assert codes(talk(proto, t, b"RCPT TO:<bob@lab.test>\r\nDATA\r\n")) == [250, 354]
+    assert t.writes == 1  # both replies, once the input ran out
+
+
+def test_a_pending_hook_with_nothing_held_still_answers_when_it_fires():
+    """A slow MAIL hook: no reply is lost or delayed beyond the hook itself."""
+    pending = defer.Deferred()
+    proto, t, _ = connect(handler=RecordingHandler(MAIL=lambda *a: pending))
+    ehlo(proto, t)
+    assert talk(proto, t, b"MAIL FROM:<a@b.test>\r\n") == []
+    pending.callback(None)
+    assert replies(t) == [b"250 2.1.0 Sender OK"]
+
+
+def test_held_replies_go_out_before_the_connection_closes():
+    """The 501 for a BDAT without size, after pipelined MAIL and RCPT: all three
+    reach the client before the hang-up."""
+    proto, t, _ = connect(ServerPolicy(hostname="mx.lab.test"))
+    ehlo(proto, t)
+    lines = talk(proto, t, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@lab.test>\r\nBDAT lots\r\n")
+    assert codes(lines) == [250, 250, 501] and t.disconnecting
 
 
 def test_pipelining_pauses_transport_while_reply_pending():
