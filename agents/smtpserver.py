@@ -9,7 +9,9 @@ formatting) but replaces the parts that are known to be unsafe in Twisted
 * **Framing.** ``LineOnlyReceiver`` keeps executing lines that were buffered
   behind STARTTLS or behind a command whose answer is still pending. Here
   :meth:`SMTPServer.dataReceived` keeps its own bounded buffer and takes one
-  line at a time, only while no reply is outstanding (RFC 2920 3.1).
+  line at a time, only while no reply is outstanding (RFC 2920 3.1). The
+  replies to a pipelined group leave together, and always before the server
+  waits for more input (RFC 2920 3.2; see :meth:`SMTPServer._send`).
 * **DATA** is read by :class:`MessageReader`, an explicit state machine that
   never leaves the message before ``<CRLF>.<CRLF>`` (RFC 5321 4.1.1.4), even
   when the message is already known to be bad. That closes the
