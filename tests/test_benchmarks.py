@@ -30,7 +30,10 @@ def test_pipeline_benchmark_runs_a_fresh_lab_and_reports(tmp_path):
     assert set(row["cpu_ms_per_message"]) == {
         "msa.sender.test", "mta.sender.test", "mta.recipient.test", "mda.recipient.test"}
     assert all(ms > 0 for ms in row["cpu_ms_per_message"].values())
-    assert "msg/s" in run.stdout and "CPU per message" in run.stdout
+    assert set(row["syscalls_per_message"]) == set(row["cpu_ms_per_message"])
+    assert all(n >= 1 for n in row["syscalls_per_message"].values())  # at least a read or a write each
+    assert "msg/s" in run.stdout and "CPU ms per message" in run.stdout
+    assert "system calls per message" in run.stdout
 
 
 def test_compare_postfix_benchmark_runs_the_mailpipe_side(tmp_path):
