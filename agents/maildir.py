@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import itertools
 import os
 import re
@@ -105,6 +106,16 @@ def check_folder_name(name: str) -> str:
     if any(not level or _FOLDER_FORBIDDEN.search(level) for level in levels):
         raise UnsafePath(f"bad folder name: {name!r}")
     return name
+
+
+@functools.cache
+def _host_in_names() -> str:
+    """This host's name as it goes into Maildir file names, ``/`` and ``:`` escaped.
+
+    Asked once per process: the answer does not change while an agent runs,
+    and asking is a system call made in the disk thread at every delivery.
+    """
+    return socket.gethostname().replace("/", r"\057").replace(":", r"\072")
 
 
 def _ensure_directory(path: Path, create: bool = True) -> bool:
@@ -271,8 +282,7 @@ class Maildir:
         """
         now = time.time()
         seconds, micros = int(now), int((now % 1) * 1_000_000)
-        host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
-        return f"{seconds}.M{micros:06d}P{os.getpid()}Q{next(self._counter)}.{host},S={size}"
+        return f"{seconds}.M{micros:06d}P{os.getpid()}Q{next(self._counter)}.{_host_in_names()},S={size}"
 
     def deliver(self, content: bytes, flags: str = "", mtime: float | None = None) -> str:
         """Store a message durably and give it a UID; return its key. Blocking.
@@ -292,9 +302,10 @@ class Maildir:
             os.utime(final, (mtime, mtime))
         appended = None
         with self._locked():
-            uidlist = self._read_uidlist()
+            signature = self._uidlist_signature()  # None: there is no list yet
+            uidlist = self._read_uidlist(signature)
             uid = uidlist.assign(key)
-            if self._uidlist_path.exists():
+            if signature is not None:
                 appended = self._append_uid(uidlist, key, uid)
             else:
                 self._write_uidlist(uidlist)
@@ -319,7 +330,7 @@ class Maildir:
         """
         with self._locked():
             files = self._list_files()
-            uidlist = self._read_uidlist()
+            uidlist = self._read_uidlist(self._uidlist_signature())
             changed = False
             for key in sorted(files):
                 if key not in uidlist.uids:
@@ -452,9 +463,12 @@ class Maildir:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def _read_uidlist(self) -> _UidList:
-        """The folder's UID list (call with the lock held)."""
-        signature = self._uidlist_signature()
+    def _read_uidlist(self, signature: tuple | None) -> _UidList:
+        """The folder's UID list (call with the lock held).
+
+        ``signature`` is the list file's :meth:`_uidlist_signature`, just
+        taken by the caller (who may need it too: one ``stat``, not two).
+        """
         cached = self._uidlist_cache.get(self._uidlist_path)
         if signature is not None and cached is not None and cached[0] == signature:
             return cached[1]
