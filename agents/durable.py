@@ -147,6 +147,7 @@ class DiskThread:
         return self._stopped
 
     def _work(self) -> None:
+        _name_os_thread("disk")
         while True:
             batch = [self._jobs.get()]
             while True:  # whatever else is waiting goes in the same batch
@@ -193,3 +194,17 @@ class DiskThread:
                 d.errback(failure)
         if stop and self._stopped is not None and not self._stopped.called:
             self._stopped.callback(None)
+
+
+def _name_os_thread(name: str) -> None:
+    """Show this thread as ``name`` in ``ps -L``, ``top -H`` and ``/proc`` (Linux only).
+
+    Python names its threads only for itself; the kernel knows every thread
+    of an agent as ``python``. :mod:`agents.usage` reads the name to tell
+    the disk thread's CPU time from the reactor thread's.
+    """
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
+            comm.write(name[:15])  # the kernel keeps 15 characters
+    except OSError:
+        pass

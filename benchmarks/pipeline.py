@@ -13,8 +13,9 @@ and measures with ``mailpipe bench``:
    (closed loop). This is the throughput target: 300 msg/s with 10
    submitters. It also measures, per message, the CPU time each agent spent
    and the system calls it made (reads and writes: sockets, files, pipes),
-   both read from ``/proc`` before and after. On a shared VM, where speed
-   drifts, the system calls are the steadier figure of the two;
+   and each thread's CPU time and context switches, all read from ``/proc``
+   before and after (:mod:`agents.usage`). On a shared VM, where speed
+   drifts, the system calls are the steadier figure;
 3. **capacity**: the same again with ``--open-loop``: each submitter sends as
    soon as the MSA says 250, as ``smtp-source`` does, so mail piles up in
    front of the slowest hop and the throughput is that hop's rate. Its
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -49,21 +49,9 @@ sys.path.insert(0, str(REPO))
 from agents.bench import benchmark_config  # noqa: E402
 from agents.config import LabConfig  # noqa: E402
 from agents.lab import Lab  # noqa: E402
+from agents import usage  # noqa: E402
 
 PIPELINE = ("msa.sender.test", "mta.sender.test", "mta.recipient.test", "mda.recipient.test")
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc/PID/stat (fields 14, 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def io_syscalls(pid: int) -> int:
-    """Read- and write-class system calls of a process so far (``syscr`` + ``syscw`` in /proc/PID/io)."""
-    counters = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-    return int(counters["syscr"]) + int(counters["syscw"])
 
 
 def bench(lab: Lab, messages: int, concurrency: int, size: int, open_loop: bool = False) -> dict:
@@ -90,20 +78,20 @@ def one_lab(args, trace: bool, subnet: int, homes: Path) -> dict:
     try:
         single = bench(lab, args.single, 1, args.size)
         pids = {name: lab.pid(name) for name in PIPELINE}
-        before = {name: (cpu_seconds(pid), io_syscalls(pid)) for name, pid in pids.items()}
+        before = usage.snapshot(pids)
         started = time.monotonic()
         sustained = bench(lab, args.messages, args.concurrency, args.size)
         wall = time.monotonic() - started
-        cpu_ms = {name: round((cpu_seconds(pid) - before[name][0]) * 1000 / args.messages, 2)
-                  for name, pid in pids.items()}
-        syscalls = {name: round((io_syscalls(pid) - before[name][1]) / args.messages, 2)
-                    for name, pid in pids.items()}
+        costs = usage.per_message(before, usage.snapshot(pids), args.messages)
         capacity = None if args.no_capacity else bench(lab, args.messages, args.concurrency, args.size,
                                                          open_loop=True)
     finally:
         lab.down()
     return {"trace": trace, "single": single, "sustained": sustained, "capacity": capacity,
-            "cpu_ms_per_message": cpu_ms, "syscalls_per_message": syscalls,
+            "cpu_ms_per_message": {c.agent: round(c.cpu_ms, 2) for c in costs},
+            "syscalls_per_message": {c.agent: round(c.syscalls, 2) for c in costs},
+            # thread -> [CPU ms, voluntary, involuntary context switches], per message
+            "threads_per_message": {c.agent: c.threads for c in costs},
             "sustained_wall_s": round(wall, 2),
             "home": str(home) if args.keep else None}
 
@@ -126,6 +114,11 @@ def summary(rows: list[dict]) -> str:
         for r in last:
             parts = ", ".join(f"{_short(name)} {value}" for name, value in r[key].items())
             out.append(f"  trace {'on ' if r['trace'] else 'off'}: {parts}")
+    out.append("the disk thread's CPU ms and voluntary context switches per message (last run):")
+    for r in last:
+        parts = ", ".join(f"{_short(name)} {threads['disk'][0]} ms / {threads['disk'][1]}"
+                          for name, threads in r["threads_per_message"].items() if "disk" in threads)
+        out.append(f"  trace {'on ' if r['trace'] else 'off'}: {parts}")
     return "\n".join(out)
 
 

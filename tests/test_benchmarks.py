@@ -32,6 +32,9 @@ def test_pipeline_benchmark_runs_a_fresh_lab_and_reports(tmp_path):
     assert all(ms > 0 for ms in row["cpu_ms_per_message"].values())
     assert set(row["syscalls_per_message"]) == set(row["cpu_ms_per_message"])
     assert all(n >= 1 for n in row["syscalls_per_message"].values())  # at least a read or a write each
+    threads = row["threads_per_message"]
+    assert set(threads) == set(row["cpu_ms_per_message"]) and all("main" in t for t in threads.values())
+    assert all("disk" in threads[name] for name in threads)  # every agent of the pipeline writes to disk
     assert "msg/s" in run.stdout and "CPU ms per message" in run.stdout
     assert "system calls per message" in run.stdout
 
