@@ -12,18 +12,14 @@ import sys
 import textwrap
 
 import pytest
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.internet import defer, task
-from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.testing import StringTransport
-from zope.interface import implementer
+from twisted.internet import defer
 
 from agents.imap import MimePart, make_imap_factory, split_multipart
 from agents.maildir import MailStore
 from agents.pki import ensure_host_cert
 from agents.trace import Tracer
+from fakes import PASSWORD, USER, MailboxClient
 
-USER, PASSWORD = "alice@lab.test", "s3cret"
 MESSAGE = (
     b"From: Bob <bob@lab.test>\r\n"
     b"To: alice@lab.test\r\n"
@@ -34,55 +30,16 @@ MESSAGE = (
 )
 
 
-@implementer(ITLSTransport)
-class FakeTLSTransport(StringTransport):
-    """A StringTransport that can 'start TLS' and pulls from producers at once."""
+class Client(MailboxClient):
+    """An IMAP client that does exactly what the test says."""
 
-    tls_context = None
-
-    def startTLS(self, contextFactory, normal=True):
-        self.tls_context = contextFactory
-
-    def registerProducer(self, producer, streaming):
-        super().registerProducer(producer, streaming)
-        if not streaming:
-            while self.producer is not None:
-                producer.resumeProducing()
-
-
-def run_now(iterator):
-    """A FETCH scheduler that writes everything at once (no reactor needed)."""
-    for _ in iterator:
-        pass
-    return defer.succeed(None)
-
-
-class Client:
-    """Drives one server protocol line by line, like a very patient client."""
+    scheduler_attribute = "_scheduler"  # FETCH writes everything at once
 
     def __init__(self, tmp_path, tls=True, tracer=None):
-        self.store = MailStore(
-            tmp_path / "mail", run_in_thread=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw)
-        )
-        checker = InMemoryUsernamePasswordDatabaseDontUse()
-        checker.addUser(USER.encode(), PASSWORD.encode())
-        kwargs = {"tracer": tracer} if tracer else {}
-        factory = make_imap_factory(self.store, checker, object() if tls else None, **kwargs)
-        self.server = factory.buildProtocol(None)
-        self.server.callLater = task.Clock().callLater  # idle timeouts, never fired
-        self.server._scheduler = run_now
-        self.transport = FakeTLSTransport()
-        self.server.makeConnection(self.transport)
-        self.greeting = self.take()
+        super().__init__(tmp_path, tls, **({"tracer": tracer} if tracer else {}))
 
-    def take(self) -> bytes:
-        data = self.transport.value()
-        self.transport.clear()
-        return data
-
-    def send(self, *lines: bytes) -> bytes:
-        self.server.dataReceived(b"".join(line + b"\r\n" for line in lines))
-        return self.take()
+    def make_factory(self, store, checker, tls_context, **options):
+        return make_imap_factory(store, checker, tls_context, **options)
 
     def login(self) -> None:
         assert b"OK" in self.send(b"t0 STARTTLS")

@@ -11,19 +11,14 @@ import sys
 import textwrap
 
 import pytest
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.internet import defer, task
-from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.testing import StringTransport
-from zope.interface import implementer
 
 from twisted.mail import pop3
 
 from agents.maildir import MailStore
 from agents.pki import ensure_host_cert
 from agents.pop3 import dot_stuff, make_pop3_factory, top_of
+from fakes import PASSWORD, USER, MailboxClient
 
-USER, PASSWORD = "alice@lab.test", "s3cret"
 MESSAGE = b"From: bob@lab.test\r\nSubject: hi\r\n\r\nline one\r\n.dotted\r\nline three\r\n"
 
 
@@ -38,44 +33,13 @@ def tricky_message() -> bytes:
     return content + b".\r\nafter the lone dot\r\n..two dots\r\nend\r\n"
 
 
-@implementer(ITLSTransport)
-class FakeTLSTransport(StringTransport):
-    tls_context = None
+class Client(MailboxClient):
+    """A POP3 client that does exactly what the test says."""
 
-    def startTLS(self, contextFactory, normal=True):
-        self.tls_context = contextFactory
+    scheduler_attribute = "schedule"  # STAT, LIST, UIDL write at once, no reactor
 
-
-def run_now(iterator):
-    for _ in iterator:
-        pass
-    return defer.succeed(None)
-
-
-class Client:
-    def __init__(self, tmp_path, tls=True):
-        self.store = MailStore(
-            tmp_path / "mail", run_in_thread=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw)
-        )
-        checker = InMemoryUsernamePasswordDatabaseDontUse()
-        checker.addUser(USER.encode(), PASSWORD.encode())
-        self.server = make_pop3_factory(
-            self.store, checker, object() if tls else None
-        ).buildProtocol(None)
-        self.server.callLater = task.Clock().callLater
-        self.server.schedule = run_now  # STAT, LIST, UIDL write at once, no reactor
-        self.transport = FakeTLSTransport()
-        self.server.makeConnection(self.transport)
-        self.greeting = self.take()
-
-    def take(self) -> bytes:
-        data = self.transport.value()
-        self.transport.clear()
-        return data
-
-    def send(self, *lines: bytes) -> bytes:
-        self.server.dataReceived(b"".join(line + b"\r\n" for line in lines))
-        return self.take()
+    def make_factory(self, store, checker, tls_context, **options):
+        return make_pop3_factory(store, checker, tls_context, **options)
 
     def login(self) -> None:
         assert self.send(b"STLS").startswith(b"+OK")

@@ -269,7 +269,7 @@ def test_smtp_tls_that_never_completes_is_a_security_event():
 
 
 def mail_server(factory_maker, tmp_path, clock, t, tracer=None):
-    from test_imap import FakeTLSTransport as ImapTransport
+    from fakes import FakeTLSTransport as ImapTransport
 
     store = MailStore(tmp_path / "mail", run_in_thread=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
     checker = InMemoryUsernamePasswordDatabaseDontUse()
