@@ -13,7 +13,8 @@ never leaves the provider.
 **Inbound.** :class:`InboundChecks` stands in front of the MTA's own SMTP
 handler. For a message from another domain (not from our own MSA) it
 
-1. checks SPF for the HELO name and the MAIL FROM domain (RFC 7208 2.3, 2.4),
+1. checks SPF for the HELO name and the MAIL FROM domain (RFC 7208 2.3, 2.4);
+   the HELO name's result is kept for the rest of the session,
 2. verifies every DKIM signature (RFC 6376 6),
 3. evaluates DMARC for the ``From:`` domain (RFC 7489 6.6),
 4. removes any ``Authentication-Results:`` that claims our authserv-id and
@@ -147,15 +148,24 @@ class SenderAuth:
         self.rng = rng
 
     @defer.inlineCallbacks
-    def check(self, ip: str, helo: str, mail_from: str, content: bytes, tracer=None):
-        """Run SPF (HELO and MAIL FROM), DKIM and DMARC; fires with a :class:`Verdict`."""
+    def check(self, ip: str, helo: str, mail_from: str, content: bytes, tracer=None,
+              spf_helo: SPFResult | None = None):
+        """Run SPF (HELO and MAIL FROM), DKIM and DMARC; fires with a :class:`Verdict`.
+
+        ``spf_helo`` is the HELO identity's result if this session has it
+        already (see :meth:`InboundChecks.handle_DATA`): it is not checked again.
+        """
         tracer = tracer or self.tracer
         started = time.perf_counter()
-        spf_helo = yield self.spf.check_helo(ip, helo or "")
+        helo_reused = spf_helo is not None
+        if not helo_reused:
+            spf_helo = yield self.spf.check_helo(ip, helo or "")
         spf_from = yield self.spf.check_mail_from(ip, mail_from, helo or "")
-        for r in (spf_helo, spf_from):
+        for r, reused in ((spf_helo, helo_reused), (spf_from, False)):
             tracer.event("spf.result", identity=r.identity, sender=r.sender, ip=r.ip, result=r.result,
-                         reason=r.reason, mechanism=r.mechanism, lookups=r.lookups, ms=r.ms)
+                         reason=r.reason, mechanism=r.mechanism,
+                         lookups=0 if reused else r.lookups, ms=0.0 if reused else r.ms,
+                         reused=reused or None)
         signatures = yield dkim.verify(content, self.resolver,
                                        run_blocking=crypto_runner(content, self._blocking))
         for s in signatures:
@@ -207,7 +217,9 @@ class InboundChecks:
         if removed or forged_folder:
             tracer.event("senderauth.stripped", authentication_results=removed, folder_mark=forged_folder)
         if not self.handler.is_own_msa(session):  # mail from another domain: check who sent it
-            verdict = yield self.auth.check(session.peer, session.helo, envelope.mail_from, content, tracer)
+            verdict = yield self.auth.check(session.peer, session.helo, envelope.mail_from, content, tracer,
+                                            spf_helo=self._session_spf_helo(session))
+            self._remember_spf_helo(session, verdict.spf_helo)
             if verdict.disposition == "reject":
                 return Reply(550, "5.7.1", f"Message rejected: DMARC policy of {verdict.dmarc.from_domain} "
                                            f"is reject ({verdict.summary()})"
@@ -217,6 +229,23 @@ class InboundChecks:
                 content = quarantine.mark(content, "Junk")
         reply = yield self.handler.handle_DATA(session, replace(envelope, content=content))
         return reply
+
+
+    # The HELO identity (RFC 7208 2.3) is the client's, not the message's: the
+    # same for every message of a session. So it is checked at a session's
+    # first message, and its result serves the messages after it on the same
+    # connection, as long as the client keeps its name. A temperror (DNS
+    # failed) is not kept: the next message asks again.
+
+    @staticmethod
+    def _session_spf_helo(session) -> SPFResult | None:
+        known = session.notes.get("spf_helo")
+        return known[1] if known is not None and known[0] == session.helo else None
+
+    @staticmethod
+    def _remember_spf_helo(session, result: SPFResult) -> None:
+        if result.result != "temperror":
+            session.notes["spf_helo"] = (session.helo, result)
 
 
 def inbound(handler, ctx) -> InboundChecks:

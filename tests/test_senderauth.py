@@ -7,6 +7,7 @@ a log of every question, so a test can say exactly what was asked.
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -516,6 +517,54 @@ def test_gate_does_not_check_mail_from_its_own_msa_but_still_strips():
     assert deliver(g, forged, peer="127.0.2.1").code == 250
     assert inner.queued[0] == MESSAGE  # stripped, and nothing added
     assert g.auth.resolver.asked == []  # no check ran
+
+
+def test_the_helo_identity_is_checked_once_per_session():
+    """RFC 7208 2.3: the HELO name is the client's, the same for every message of
+    a session. Its SPF result serves the session's later messages (the trace says
+    so), until the client says another name; a temperror is asked again."""
+    records = {**POLICIES, "_dmarc.sender.test": ["v=DMARC1; p=none"], "mx.attacker.test": ["v=spf1 a -all"]}
+    g, inner = gate(records)
+    events = []
+
+    class Recorder:
+        def bind(self, **fields):
+            return self
+
+        def event(self, name, **fields):
+            events.append((name, fields))
+
+    g.tracer = Recorder()
+    session = Session(conn_id="t/1", peer=BAD_IP)
+
+    def send(helo):
+        session.helo = helo
+        envelope = Envelope(mail_from="alice@sender.test", rcpt_tos=["bob@recipient.test"], content=MESSAGE)
+        return result_of(defer.maybeDeferred(g.handle_DATA, session, envelope))
+
+    def helo_lookups():
+        return [q for q in g.auth.resolver.asked if q[1] in ("mx.attacker.test", "mx.other.test")]
+
+    def helo_results():
+        return [f for name, f in events if name == "spf.result" and f["identity"] == "helo"]
+
+    assert send("mx.attacker.test").code == 250
+    first = helo_lookups()
+    assert first  # the first message asks DNS about the HELO name
+    assert send("mx.attacker.test").code == 250
+    assert helo_lookups() == first  # the second does not ask again
+    one, two = helo_results()
+    assert one["result"] == two["result"] == "fail" and two["reused"] and two["ms"] == 0.0
+    assert not one.get("reused")  # None: the real tracer leaves the field out
+    for queued in inner.queued:  # both messages carry the HELO result in their header
+        assert re.search(rb"spf=fail \([^)]*\) smtp\.helo=mx\.attacker\.test", queued.replace(b"\r\n\t", b" "))
+
+    g.auth.resolver.broken.add("mx.other.test")
+    send("mx.other.test")  # a new name: asked, and DNS fails
+    send("mx.other.test")  # a temperror is not kept: asked again
+    assert [f["result"] for f in helo_results()[2:]] == ["temperror", "temperror"]
+    assert not any(f.get("reused") for f in helo_results()[2:])
+    assert sum(q[1] == "mx.other.test" for q in g.auth.resolver.asked) == 2
 
 
 def _fields(content):
