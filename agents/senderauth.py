@@ -230,7 +230,6 @@ class InboundChecks:
         reply = yield self.handler.handle_DATA(session, replace(envelope, content=content))
         return reply
 
-
     # The HELO identity (RFC 7208 2.3) is the client's, not the message's: the
     # same for every message of a session. So it is checked at a session's
     # first message, and its result serves the messages after it on the same
