@@ -7,7 +7,7 @@ import threading
 import time
 
 from agents import usage
-from agents.durable import DiskThread
+from agents.durable import DiskThread, _name_os_thread
 
 
 def spin(seconds: float) -> None:
@@ -23,8 +23,7 @@ def test_a_snapshot_counts_this_process_and_its_threads():
     ready, done = threading.Event(), threading.Event()
 
     def worker():
-        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
-            comm.write("worker")
+        _name_os_thread("worker")
         spin(0.15)
         for _ in range(20):  # sleeping is a voluntary switch: the thread gives up the CPU
             time.sleep(0.001)
