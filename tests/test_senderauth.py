@@ -694,6 +694,7 @@ def test_openssl_rsa_signing_gives_the_same_signature_as_dkimpy(tmp_path, monkey
     monkeypatch.setattr(dkimpy.time, "time", lambda: 1_800_000_000.0)
 
     from agents import dkim as ours
+    from agents import dkimpy_speedups
     from agents.config import Domain
 
     key = ours.ensure_key(tmp_path, Domain("x.test", "127.0.9.1", True, {}))
@@ -709,7 +710,7 @@ def test_openssl_rsa_signing_gives_the_same_signature_as_dkimpy(tmp_path, monkey
         finally:
             dkimpy.RSASSA_PKCS1_v1_5_sign = saved
 
-    assert signature(ours._rsa_sign_with_openssl) == signature(dkim.crypto.RSASSA_PKCS1_v1_5_sign)
+    assert signature(dkimpy_speedups.rsa_sign_with_openssl) == signature(dkim.crypto.RSASSA_PKCS1_v1_5_sign)
 
 
 def test_openssl_rsa_verification_agrees_with_dkimpy(tmp_path):
@@ -719,6 +720,7 @@ def test_openssl_rsa_verification_agrees_with_dkimpy(tmp_path):
     import dkim.crypto
 
     from agents import dkim as ours
+    from agents import dkimpy_speedups
     from agents.config import Domain
 
     key = ours.ensure_key(tmp_path, Domain("x.test", "127.0.9.1", True, {}))
@@ -729,8 +731,8 @@ def test_openssl_rsa_verification_agrees_with_dkimpy(tmp_path):
     bad = bytes([good[0] ^ 1]) + good[1:]
     other = hashlib.sha256(b"other headers")
     for sig, h in [(good, digest), (bad, digest), (good, other), (good[:-1], digest)]:
-        assert ours._rsa_verify_with_openssl(h, sig, public) == dkim.crypto.RSASSA_PKCS1_v1_5_verify(h, sig, public)
-    assert ours._rsa_verify_with_openssl(digest, good, public) is True
+        assert dkimpy_speedups.rsa_verify_with_openssl(h, sig, public) == dkim.crypto.RSASSA_PKCS1_v1_5_verify(h, sig, public)
+    assert dkimpy_speedups.rsa_verify_with_openssl(digest, good, public) is True
 
 
 def test_small_messages_are_signed_inline_big_ones_in_a_thread():
