@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import json
+import math
 import os
 import re
 import threading
@@ -84,13 +85,24 @@ def mask_secret(line: bytes) -> bytes:
 
 
 def _json_value(value: Any) -> str:
-    """One field value as JSON: strings and integers directly, the rest by json."""
+    """One field value as JSON, written as ``json`` would write it.
+
+    The kinds events carry most (strings, integers, times in ms, flags, lists
+    of names) are written directly; ``JSONEncoder.encode`` costs more than the
+    rest of an event. Anything else (dicts, NaN, objects) goes to the encoder.
+    """
     kind = type(value)
     if kind is str:
         return _quote(value)
     if kind is int:
         return str(value)
-    return _ENCODER.encode(value)  # floats, bools, lists, dicts; anything else as str()
+    if kind is float and math.isfinite(value):
+        return repr(value)  # what json.dumps writes for a finite float
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is list and all(type(item) is str for item in value):
+        return "[" + ", ".join(map(_quote, value)) + "]"
+    return _ENCODER.encode(value)  # dicts, nested lists, NaN; anything else as str()
 
 
 class TraceSink:

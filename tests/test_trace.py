@@ -84,6 +84,18 @@ def test_odd_values_still_make_valid_json(tmp_path):
     assert "conn" not in line and line["peer"] == ["127.0.0.1", 25]
 
 
+def test_field_values_are_written_exactly_as_json_writes_them():
+    """The shortcuts for common kinds must give json's own text, byte for byte."""
+    import json
+
+    from agents.trace import _json_value
+
+    values = ["caf\u00e9 \"q\"\n", "", 0, -7, 2**70, 0.0, -1.5, 1e-7, 12.345, 1e22, float("nan"),
+              float("inf"), True, False, [], ["a", "b\u00fc"], ["a", 1], [["x"]], {"k": [1.5]}]
+    for value in values:
+        assert _json_value(value) == json.dumps(value), value
+
+
 def test_working_for_tags_lookups_across_yields_and_not_beyond(tmp_path):
     """A lookup started inside ``working_for`` keeps the tag when its answer comes
     later, from outside the block; one started after the block has none."""
