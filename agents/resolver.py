@@ -39,15 +39,18 @@ class LabResolver:
     def _now(self) -> float:
         return self._clock.seconds() if self._clock is not None else time.monotonic()
 
-    @defer.inlineCallbacks
-    def _lookup(self, qtype: str, name: str, method, extract):
+    def _lookup(self, qtype: str, name: str, method, extract) -> defer.Deferred:
         key = (qtype, name.lower())
-        tags = work_fields()  # read now: this generator keeps the caller's context
         cached = self._cache.get(key)
-        if cached and cached[0] > self._now():
+        if cached and cached[0] > self._now():  # most lookups: answered at once, no query
             self.tracer.event("dns.answer", qtype=qtype, qname=name, answer=cached[1], cached=True, ms=0.0,
-                              **tags)
-            return cached[1]
+                              **work_fields())
+            return defer.succeed(cached[1])
+        return self._ask(key, qtype, name, method, extract)
+
+    @defer.inlineCallbacks
+    def _ask(self, key, qtype: str, name: str, method, extract):
+        tags = work_fields()  # read now: this generator keeps the caller's context
         started = time.perf_counter()
         self.tracer.event("dns.query", qtype=qtype, qname=name, **tags)
         try:
