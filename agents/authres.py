@@ -94,6 +94,8 @@ def strip_ours(content: bytes, own_ids: set[str], own_domain: str) -> tuple[byte
     fields, and the body, stay byte for byte as they were (DKIM needs that).
     """
     block, body = split_message(content)
+    if HEADER.lower().encode() not in block.lower():
+        return content, 0  # no Authentication-Results: at all, ours or anyone's
     fields: list[list[bytes]] = []  # each field: its first line, then its continuation lines
     for line in block.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and fields:

@@ -31,6 +31,8 @@ def mark(content: bytes, folder: str) -> bytes:
 def remove(content: bytes) -> tuple[bytes, str | None]:
     """``(content without any X-Mailpipe-Folder field, the first one's folder or None)``."""
     block, body = split_message(content)
+    if HEADER.lower() not in block.lower():
+        return content, None  # most messages: no such field anywhere in the header
     lines, folder, dropping, changed = [], None, False, False
     for line in block.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and dropping:
