@@ -61,6 +61,8 @@ MAX_SIGNATURES = 5
 
 ALGORITHMS = {"rsa": b"rsa-sha256", "ed25519": b"ed25519-sha256"}
 
+dkimpy_speedups.install()  # the same results from dkimpy, for less CPU: see that module
+
 _quiet = logging.getLogger("mailpipe.dkimpy")
 _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
@@ -178,9 +180,6 @@ def ensure_keys(root: Path, config) -> list[DKIMKey]:
 
 
 # -- signing ---------------------------------------------------------------------
-
-dkimpy_speedups.install()  # same results, less CPU: see agents/dkimpy_speedups.py
-
 
 def sign(content: bytes, key: DKIMKey) -> bytes:
     """The message with a ``DKIM-Signature:`` field on top (blocking, CPU only).

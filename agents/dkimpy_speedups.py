@@ -9,16 +9,18 @@ message. Each replacement here computes exactly what dkimpy's own function
 computes, only faster; ``tests/test_dkimpy_speedups.py`` checks every one
 against the original, on chosen and on random inputs.
 
-=====================================  =========================================
-dkimpy's function                      replaced by
-=====================================  =========================================
-``RSASSA_PKCS1_v1_5_sign`` / ``verify``  OpenSSL, through ``cryptography``
-``parse_pem_private_key``,             the same, remembered (a key's bytes
-``parse_public_key``, ``evaluate_pk``  always parse to the same key)
-``rfc822_parse``                       split on ``\\n`` in C, not by a regex
-``RE_BTAG`` (empties ``b=``)            a pattern that does not backtrack
-relaxed canonicalization's helpers     skip the regex when nothing changes
-=====================================  =========================================
+What is replaced, and by what:
+
+- RSA signing and verification (``RSASSA_PKCS1_v1_5_sign``, ``_verify``):
+  OpenSSL, through the ``cryptography`` package, instead of Python integers;
+- key parsing (``parse_pem_private_key``, ``parse_public_key``,
+  ``evaluate_pk``): the same functions, remembered, since a key's bytes always
+  parse to the same key;
+- splitting the message (``rfc822_parse``): ``bytes.split`` instead of a regex;
+- emptying ``b=`` before the signature field is hashed (``RE_BTAG``): a
+  pattern that does not backtrack;
+- relaxed canonicalization's helpers: the regex runs only where something
+  changes.
 
 :func:`install` puts them in place, once; :mod:`agents.dkim` calls it.
 """
@@ -29,8 +31,8 @@ import functools
 import re
 
 import dkim as dkimpy  # the dkimpy package
-import dkim.canonicalization as canonicalization
-import dkim.crypto
+from dkim import canonicalization
+from dkim import crypto as dkimpy_crypto
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -99,7 +101,7 @@ def rsa_verify_with_openssl(digest, signature: bytes, public_key: dict) -> bool:
     except InvalidSignature:
         return False
     except (ValueError, KeyError, TypeError, UnsupportedAlgorithm):
-        return dkim.crypto.RSASSA_PKCS1_v1_5_verify(digest, signature, public_key)
+        return dkimpy_crypto.RSASSA_PKCS1_v1_5_verify(digest, signature, public_key)
 
 
 # -- splitting a message -------------------------------------------------------
@@ -198,8 +200,8 @@ def install() -> None:
     dkimpy.RSASSA_PKCS1_v1_5_verify = rsa_verify_with_openssl
     # The same PEM private key (to sign) and DNS key record (to verify) would
     # be parsed afresh for every message: pure functions of their bytes.
-    dkimpy.parse_pem_private_key = functools.lru_cache(maxsize=64)(dkim.crypto.parse_pem_private_key)
-    dkimpy.parse_public_key = functools.lru_cache(maxsize=256)(dkim.crypto.parse_public_key)
+    dkimpy.parse_pem_private_key = functools.lru_cache(maxsize=64)(dkimpy_crypto.parse_pem_private_key)
+    dkimpy.parse_public_key = functools.lru_cache(maxsize=256)(dkimpy_crypto.parse_public_key)
     dkimpy.evaluate_pk = functools.lru_cache(maxsize=256)(ORIGINALS["evaluate_pk"])
     dkimpy.rfc822_parse = rfc822_parse
     dkimpy.RE_BTAG = RE_BTAG
