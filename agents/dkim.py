@@ -28,6 +28,7 @@ Keys (RSA 2048 by default, or Ed25519, RFC 8463) are made on the first
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import os
 import re
@@ -89,10 +90,16 @@ class DKIMKey:
         """The key as dkimpy wants it: PKCS#1 PEM for RSA, the base64 seed for Ed25519."""
         if self.algorithm == "rsa":
             return self.private_pem
-        key = serialization.load_pem_private_key(self.private_pem, password=None)
-        raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                serialization.NoEncryption())
-        return base64.b64encode(raw)
+        return _ed25519_seed(self.private_pem)
+
+
+@functools.lru_cache(maxsize=16)
+def _ed25519_seed(private_pem: bytes) -> bytes:
+    """The base64 seed of an Ed25519 PEM key, worked out once per key, not per message."""
+    key = serialization.load_pem_private_key(private_pem, password=None)
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                            serialization.NoEncryption())
+    return base64.b64encode(raw)
 
 
 def key_settings(domain: Domain) -> tuple[str, str, int]:
