@@ -1,5 +1,7 @@
 # mailpipe: the two commands a newcomer needs are `make demo` and `make test`.
-PYTHON ?= python3
+# The venv's interpreter: the distribution's optimised python3 when it is new
+# enough, else the first python3 on PATH (scripts/pick-python.sh says why).
+PYTHON ?= $(shell scripts/pick-python.sh)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
