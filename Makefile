@@ -1,6 +1,6 @@
 # mailpipe: the two commands a newcomer needs are `make demo` and `make test`.
-# The venv's interpreter: the distribution's optimised python3 when it is new
-# enough, else the first python3 on PATH (scripts/pick-python.sh says why).
+# The venv's interpreter: the distribution's python3 when it is new enough,
+# else the first python3 on PATH (scripts/pick-python.sh says why).
 PYTHON ?= $(shell scripts/pick-python.sh)
 VENV   := .venv
 BIN    := $(VENV)/bin

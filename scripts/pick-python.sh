@@ -5,9 +5,9 @@
 # pyproject.toml asks) and can make a venv. Debian's is linked with libpython
 # inside the executable; a pyenv build here had it as a shared library
 # (--enable-shared), and took 40-60 % longer to run plain Python code. On the
-# project's VM the agents spent 15-20 % less CPU per message under Debian's
-# 3.11 than under pyenv's 3.11, and the pipeline carried 25-30 % more mail
-# (benchmarks/README.md, "The interpreter").
+# project's VM, in two alternating pairs of labs, the agents spent 11-23 % less
+# CPU per message under Debian's 3.11 than under pyenv's 3.11, and the
+# pipeline carried 9-41 % more mail (benchmarks/README.md, "The interpreter").
 #
 # Otherwise: the first python3 on PATH, as before. `make PYTHON=...` overrides
 # both.
