@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from twisted.internet import defer
 
-from .config import LabConfig
+from .config import DOMAIN_SWITCHES, LabConfig
 from .home import LabHome
 from .journey import hops
 from .mua import MUA, compose, run_reactor
@@ -88,6 +88,19 @@ def benchmark_config(config: LabConfig, trace: bool = True) -> LabConfig:
     """
     security = {**config.section("security"), "max_messages_per_user": 0, "max_messages_per_client": 0}
     return replace(config, trace=trace, sections={**config.sections, "security": security})
+
+
+def bare_config(config: LabConfig) -> LabConfig:
+    """``config`` with every domain's optional features off (:data:`agents.config.DOMAIN_SWITCHES`).
+
+    The relay hops go in plaintext, nothing is DKIM-signed, nothing checked
+    for SPF, DKIM or DMARC. What is left is the architecture itself: submission
+    with STARTTLS and AUTH, four processes that each write the message durably
+    before they say 250, LMTP, Maildir and IMAP. Comparing a lab so made with a
+    full one shows what those features cost together.
+    """
+    off = dict.fromkeys(DOMAIN_SWITCHES, False)
+    return replace(config, domains=tuple(replace(d, options={**d.options, **off}) for d in config.domains))
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -47,6 +47,17 @@ ROLE_SERVICES = {
 #: Which host name (see the module docstring) each role answers to.
 ROLE_HOST = {"msa": "smtp", "mta": "mx", "mda": "imap"}
 
+#: On/off keys of a ``[[domain]]`` table, each on unless the table says
+#: ``false`` (see ``default_lab.toml``). They are what a provider's admin
+#: decides for its own agents, and each has a measurable cost (benchmarks/):
+#:
+#: ``relay_tls``          its MSA and MTA use STARTTLS to the next SMTP hop when
+#:                        offered (RFC 3207; Postfix's ``smtp_tls_security_level = may``)
+#: ``dkim_sign``          its MTA DKIM-signs mail it relays to other domains (RFC 6376)
+#: ``check_sender_auth``  its MTA checks SPF, DKIM and DMARC on mail from other
+#:                        domains (RFC 7208, 6376, 7489)
+DOMAIN_SWITCHES = ("relay_tls", "dkim_sign", "check_sender_auth")
+
 
 class ConfigError(ValueError):
     """The lab configuration is malformed; the message says what to fix."""
@@ -63,6 +74,12 @@ class Domain:
     #: Any other keys of the domain's ``[[domain]]`` table (DMARC policy, extra
     #: MX hosts...), for the modules that use them.
     options: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def switch(self, name: str) -> bool:
+        """One of :data:`DOMAIN_SWITCHES`: on unless the domain's table says false."""
+        if name not in DOMAIN_SWITCHES:
+            raise KeyError(name)
+        return self.options.get(name, True)
 
     def host(self, role: str) -> str:
         """The DNS name of this domain's agent with the given role."""
@@ -193,6 +210,11 @@ class LabConfig:
         names = [d.name for d in self.domains]
         if len(set(names)) != len(names):
             raise ConfigError(f"{self.source}: a domain is listed twice")
+        for d in self.domains:
+            for name in DOMAIN_SWITCHES:
+                if not isinstance(d.options.get(name, True), bool):
+                    raise ConfigError(f"{self.source}: {d.name}: {name} must be true or false, "
+                                      f"not {d.options[name]!r}")
         for user in self.users:
             if "@" not in user.address:
                 raise ConfigError(f"{self.source}: user {user.address!r} has no domain")

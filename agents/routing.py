@@ -5,7 +5,9 @@ Three routes exist in the lab, each found through the lab DNS:
 * MSA -> its own domain's MTA: the host ``mx.<domain>``, SMTP port;
 * MTA -> another domain's MTA: that domain's MX records, best preference
   first, each host's A record (RFC 5321 5.1), SMTP port, STARTTLS when offered
-  (verified against the lab CA: opportunistic but authenticated);
+  (verified against the lab CA: opportunistic but authenticated), unless the
+  domain's config says ``relay_tls = false``: then its SMTP hops stay
+  plaintext, as with a next hop that offers no STARTTLS;
 * MTA -> its own domain's MDA: the host ``lmtp.<domain>``, LMTP (RFC 2033).
 
 Every route connects *from* the agent's own domain address, so the receiver
@@ -44,6 +46,7 @@ class Router:
         self.domain = ctx.domain
         self.resolver = ctx.resolver()
         self.helo = self.domain.host(ctx.spec.role)
+        self.relay_tls = "opportunistic" if self.domain.switch("relay_tls") else "none"
         self.cache = ConnectionCache(ctx.reactor, tracer=ctx.tracer)
         self.hooks = getattr(ctx, "hooks", None)  # coursework hooks: before_relay (agents.hooks)
         ctx.reactor.addSystemEventTrigger("before", "shutdown", self.close_connections)
@@ -59,7 +62,7 @@ class Router:
         return self.cache.send(
             address, port,
             helo=self.helo, mail_from=item.mail_from, rcpt_tos=recipients, content=content,
-            tls="none" if lmtp else "opportunistic", tls_hostname=host,
+            tls="none" if lmtp else self.relay_tls, tls_hostname=host,
             ca_cert=self.ctx.home.ca_cert, lmtp=lmtp,
             bind_address=self.ctx.spec.address,  # the domain's, or a backup MX's own
             tracer=self.ctx.tracer.bind(queue_id=item.queue_id, message_id=item.message_id),

@@ -8,7 +8,8 @@ message relayed to another domain is DKIM-signed first, with the domain's key
 from the lab home. The MSA has already completed the headers (Message-ID,
 Date), so the signature covers them. Mail for the MTA's own domain goes to
 the MDA over LMTP (or, from a backup MX, up to the primary MX) unsigned: it
-never leaves the provider.
+never leaves the provider. A domain whose config says ``dkim_sign = false``
+signs nothing.
 
 **Inbound.** :class:`InboundChecks` stands in front of the MTA's own SMTP
 handler. For a message from another domain (not from our own MSA) it
@@ -21,6 +22,10 @@ handler. For a message from another domain (not from our own MSA) it
    adds its own (RFC 8601 5), and applies the DMARC policy: ``reject`` is a
    ``550 5.7.1`` at the end of DATA; ``quarantine`` marks the message for the
    recipient's Junk folder (:mod:`agents.quarantine`); ``none`` delivers.
+
+A domain whose config says ``check_sender_auth = false`` runs none of the
+checks (an MTA without SPF, DKIM or DMARC software), but still removes
+forged ``Authentication-Results:`` that claim to be its own.
 
 SPF alone never decides here: a ``-all`` fail also hits honest mail that was
 forwarded, which is why RFC 7208 8.4 leaves the decision to the receiver and
@@ -196,12 +201,19 @@ class InboundChecks:
     ``internal`` are the addresses of our domain's other mail exchangers (a
     backup MX): they checked the message at the border already, so what they
     pass on is trusted as it is, their Authentication-Results included.
+
+    With ``check=False`` (``check_sender_auth = false`` in the domain's
+    config) nothing is checked and no Authentication-Results is added, but
+    forged ones claiming our authserv-id, and forged Junk marks, are still
+    removed: whoever reads them downstream trusts them as ours (RFC 8601 5).
     """
 
-    def __init__(self, handler, auth: SenderAuth, domain, tracer=NULL_TRACER, internal=frozenset()):
+    def __init__(self, handler, auth: SenderAuth, domain, tracer=NULL_TRACER, internal=frozenset(),
+                 check: bool = True):
         self.handler, self.auth, self.domain, self.tracer = handler, auth, domain, tracer
         self.own_ids = {auth.authserv_id.lower(), domain.name.lower()}
         self.internal = set(internal)
+        self.check = check
 
     def __getattr__(self, name):
         return getattr(self.handler, name)
@@ -216,7 +228,7 @@ class InboundChecks:
         tracer = self.tracer.bind(message_id=get_header(content, "Message-ID"), conn=session.conn_id)
         if removed or forged_folder:
             tracer.event("senderauth.stripped", authentication_results=removed, folder_mark=forged_folder)
-        if not self.handler.is_own_msa(session):  # mail from another domain: check who sent it
+        if self.check and not self.handler.is_own_msa(session):  # from another domain: who sent it?
             verdict = yield self.auth.check(session.peer, session.helo, envelope.mail_from, content, tracer,
                                             spf_helo=self._session_spf_helo(session))
             self._remember_spf_helo(session, verdict.spf_helo)
@@ -256,7 +268,8 @@ def inbound(handler, ctx) -> InboundChecks:
 
     auth = SenderAuth(ctx.resolver(), mta_hostname(ctx), tracer=ctx.tracer)
     internal = {a for a in (backup_address(ctx.domain),) if a and a != ctx.spec.address}
-    return InboundChecks(handler, auth, ctx.domain, tracer=ctx.tracer, internal=internal)
+    return InboundChecks(handler, auth, ctx.domain, tracer=ctx.tracer, internal=internal,
+                         check=ctx.domain.switch("check_sender_auth"))
 
 
 # -- outbound signing ---------------------------------------------------------------
@@ -266,11 +279,13 @@ class SigningRouter(Router):
 
     def __init__(self, ctx, run_blocking=threads.deferToThread):
         super().__init__(ctx)
-        self.key = dkim.load_key(ctx.home.root, ctx.domain)
+        signs = ctx.domain.switch("dkim_sign")
+        self.key = dkim.load_key(ctx.home.root, ctx.domain) if signs else None
         self._blocking = run_blocking
         if self.key is None:
             ctx.tracer.event("dkim.nokey", domain=ctx.domain.name,
-                             reason="no key in the lab home: relayed mail goes out unsigned")
+                             reason="no key in the lab home: relayed mail goes out unsigned" if signs
+                             else "dkim_sign = false in the lab config: relayed mail goes out unsigned")
 
     @defer.inlineCallbacks
     def by_mx(self, domain: str, item, recipients, content):

@@ -25,8 +25,14 @@ Then the lab goes down. Every message is submitted with STARTTLS+AUTH,
 relayed by MX with DKIM, SPF and DMARC, delivered over LMTP into a Maildir
 (fsync before every 250), and counted when Bob's IMAP IDLE session sees it.
 
+With ``--bare`` every domain's optional features are off
+(:func:`agents.bench.bare_config`): STARTTLS on the relay hops, DKIM signing,
+and the SPF, DKIM and DMARC checks. With ``--trace off`` as well, what is
+measured is the architecture alone, the ceiling that the features spend from.
+
     .venv/bin/python benchmarks/pipeline.py                      # trace on and off, 1 run each
     .venv/bin/python benchmarks/pipeline.py --runs 3 --json out.json
+    .venv/bin/python benchmarks/pipeline.py --bare --trace off   # the architecture alone
 
 Speed is measured, never asserted: the figures depend on the machine (on a
 shared VM they vary by about 10 % from run to run, so use ``--runs``).
@@ -46,7 +52,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agents.bench import benchmark_config  # noqa: E402
+from agents.bench import bare_config, benchmark_config  # noqa: E402
 from agents.config import LabConfig  # noqa: E402
 from agents.lab import Lab  # noqa: E402
 from agents import usage  # noqa: E402
@@ -72,6 +78,8 @@ def bench(lab: Lab, messages: int, concurrency: int, size: int, open_loop: bool 
 
 def one_lab(args, trace: bool, subnet: int, homes: Path) -> dict:
     config = benchmark_config(LabConfig.load(None).relocated(subnet), trace)
+    if args.bare:
+        config = bare_config(config)
     home = Path(tempfile.mkdtemp(prefix="lab-", dir=homes))
     lab = Lab(home, config)
     lab.up()
@@ -87,7 +95,7 @@ def one_lab(args, trace: bool, subnet: int, homes: Path) -> dict:
                                                          open_loop=True)
     finally:
         lab.down()
-    return {"trace": trace, "single": single, "sustained": sustained, "capacity": capacity,
+    return {"trace": trace, "bare": args.bare, "single": single, "sustained": sustained, "capacity": capacity,
             "cpu_ms_per_message": {c.agent: round(c.cpu_ms, 2) for c in costs},
             "syscalls_per_message": {c.agent: round(c.syscalls, 2) for c in costs},
             # thread -> [CPU ms, voluntary, involuntary context switches], per message
@@ -97,13 +105,13 @@ def one_lab(args, trace: bool, subnet: int, homes: Path) -> dict:
 
 
 def summary(rows: list[dict]) -> str:
-    out = [f"{'trace':<6} {'1 at a time p50/p99 ms':>23} {'msg/s':>8} {'p50/p99 ms':>15} "
+    out = [f"{'trace':<9} {'1 at a time p50/p99 ms':>23} {'msg/s':>8} {'p50/p99 ms':>15} "
            f"{'agents CPU ms/msg':>18} {'open loop msg/s':>16} {'lost':>5}"]
     for r in rows:
         s, m, c = r["single"]["latency_ms"], r["sustained"], r.get("capacity")
         lost = len(r["single"]["lost"]) + len(m["lost"]) + (len(c["lost"]) if c else 0)
         out.append(
-            f"{'on' if r['trace'] else 'off':<6} {s['p50']:>11.1f} / {s['p99']:<9.1f} "
+            f"{_setting(r):<9} {s['p50']:>11.1f} / {s['p99']:<9.1f} "
             f"{m['throughput']:>8.1f} {m['latency_ms']['p50']:>7.1f} / {m['latency_ms']['p99']:<6.1f} "
             f"{sum(r['cpu_ms_per_message'].values()):>18.2f} "
             f"{(format(c['throughput'], '.1f') if c else '-'):>16} {lost:>5}"
@@ -113,13 +121,18 @@ def summary(rows: list[dict]) -> str:
         out.append(f"{title} per message, by agent (last run of each setting):")
         for r in last:
             parts = ", ".join(f"{_short(name)} {value}" for name, value in r[key].items())
-            out.append(f"  trace {'on ' if r['trace'] else 'off'}: {parts}")
+            out.append(f"  {_setting(r)}: {parts}")
     out.append("the disk thread's CPU ms and voluntary context switches per message (last run):")
     for r in last:
         parts = ", ".join(f"{_short(name)} {threads['disk'][0]} ms / {threads['disk'][1]}"
                           for name, threads in r["threads_per_message"].items() if "disk" in threads)
-        out.append(f"  trace {'on ' if r['trace'] else 'off'}: {parts}")
+        out.append(f"  {_setting(r)}: {parts}")
     return "\n".join(out)
+
+
+def _setting(row: dict) -> str:
+    """``on``, ``off``, ``on bare`` or ``off bare``: the trace, and whether the lab was bare."""
+    return ("on" if row["trace"] else "off") + (" bare" if row.get("bare") else "")
 
 
 def _short(agent: str) -> str:
@@ -139,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE", help="write every run's figures")
     p.add_argument("--keep", action="store_true", help="keep each lab's home (trace, Maildirs)")
     p.add_argument("--no-capacity", action="store_true", help="skip the open-loop run")
+    p.add_argument("--bare", action="store_true",
+                   help="every domain without relay STARTTLS, DKIM signing and SPF/DKIM/DMARC checks")
     args = p.parse_args(argv)
 
     settings = {"on": [True], "off": [False], "both": [True, False]}[args.trace]
@@ -151,7 +166,8 @@ def main(argv=None) -> int:
     try:
         for trace in settings:
             for run in range(args.runs):
-                print(f"[pipeline] trace {'on' if trace else 'off'}, run {run + 1}: lab on 127.{subnet}.x.y",
+                print(f"[pipeline] trace {'on' if trace else 'off'}{', bare' if args.bare else ''}, "
+                      f"run {run + 1}: lab on 127.{subnet}.x.y",
                       file=sys.stderr, flush=True)
                 rows.append(one_lab(args, trace, subnet, homes))
                 subnet = subnet + 1 if subnet < 250 else args.subnet

@@ -34,8 +34,11 @@ def _looks_free(n: int) -> bool:
                for address, port in ((f"127.{n}.0.1", 1053), (f"127.{n}.1.1", 1025), (f"127.{n}.2.1", 1025)))
 
 
-def make_lab(tmp_path_factory, **overrides) -> Lab:
+def make_lab(tmp_path_factory, configure=None, **overrides) -> Lab:
+    """A lab (not started) on a free subnet; ``configure`` may change its LabConfig."""
     config = LabConfig.load(None).relocated(free_subnet())
+    if configure is not None:
+        config = configure(config)
     if overrides:
         from dataclasses import replace
 

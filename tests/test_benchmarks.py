@@ -4,6 +4,7 @@ measured, never tested)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,28 @@ def test_pipeline_benchmark_runs_a_fresh_lab_and_reports(tmp_path):
     assert all("disk" in threads[name] for name in threads)  # every agent of the pipeline writes to disk
     assert "msg/s" in run.stdout and "CPU ms per message" in run.stdout
     assert "system calls per message" in run.stdout
+
+
+def test_pipeline_benchmark_bare_runs_a_lab_with_every_domain_switch_off(tmp_path):
+    out = tmp_path / "bare.json"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "pipeline.py"), "--bare", "--trace", "off", "--no-capacity",
+         "--messages", "6", "--single", "2", "--concurrency", "2", "--subnet", str(free_subnet()),
+         "--json", str(out), "--keep"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["bare"] is True and row["trace"] is False and row["sustained"]["delivered"] == 6
+    assert "off bare" in run.stdout
+    home = Path(row["home"])
+    try:
+        inbox = home / "maildir" / "recipient.test" / "bob"
+        delivered = [f.read_bytes() for sub in ("new", "cur") for f in (inbox / sub).iterdir()]
+    finally:
+        shutil.rmtree(home.parent)  # --keep kept every lab's home in one temporary directory
+    assert len(delivered) == 8 and not any(b"DKIM-Signature:" in m or b"Authentication-Results:" in m
+                                           for m in delivered)
 
 
 def test_compare_postfix_benchmark_runs_the_mailpipe_side(tmp_path):

@@ -29,6 +29,26 @@ def test_config_refuses_non_loopback_addresses():
         LabConfig.from_dict(data)
 
 
+def test_domain_switches_are_on_unless_set_false_and_must_be_booleans(tmp_path):
+    from agents.bench import bare_config
+    from agents.config import DOMAIN_SWITCHES
+
+    c = LabConfig.load(None)
+    assert all(d.switch(name) for d in c.domains for name in DOMAIN_SWITCHES)
+    with pytest.raises(KeyError):
+        c.domains[0].switch("dkim_sign_typo")
+    bare = bare_config(c)
+    assert not any(d.switch(name) for d in bare.domains for name in DOMAIN_SWITCHES)
+    assert bare.domain("sender.test").options["dmarc_policy"] == "reject"  # the rest is kept
+    path = tmp_path / "bare.toml"
+    path.write_text(bare.to_toml())
+    assert not LabConfig.load(path).domain("recipient.test").switch("check_sender_auth")
+    for value in ("no", 0, "false"):  # TOML's false only: "false" in quotes is a typo to report
+        data = {"domain": [{"name": "x.test", "address": "127.0.9.1", "relay_tls": value}]}
+        with pytest.raises(ConfigError, match="relay_tls must be true or false"):
+            LabConfig.from_dict(data)
+
+
 def test_config_round_trips_through_toml(tmp_path):
     c = LabConfig.load(None).relocated(123)
     path = tmp_path / "lab.toml"

@@ -237,3 +237,21 @@ def test_certificate_is_reissued_when_the_domain_gains_a_host(tmp_path):
     cert = x509.load_pem_x509_certificate(path.read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "mx2.recipient.test" in names.get_values_for_type(x509.DNSName)
+
+
+@pytest.mark.parametrize("relay_tls, expected", [(True, "opportunistic"), (False, "none")])
+def test_relay_tls_decides_starttls_on_smtp_hops_and_lmtp_stays_plain(relay_tls, expected):
+    """``relay_tls = false`` (a domain switch, agents.config): the SMTP hops go in plaintext."""
+    config = LabConfig.load(None)
+    domain = replace(config.domain("sender.test"), options={"relay_tls": relay_tls})
+    ctx = SimpleNamespace(
+        config=config, domain=domain, tracer=NULL_TRACER, reactor=FakeReactor(),
+        spec=AgentSpec("mta.sender.test", "mta", "sender.test", "127.0.1.1", {"smtp": 1025}),
+        home=SimpleNamespace(ca_cert=None), resolver=lambda: resolver(MX, A),
+    )
+    r = Router(ctx)
+    asked = []
+    r.cache = SimpleNamespace(send=lambda *args, **kwargs: asked.append(kwargs["tls"]))
+    for lmtp in (False, True):
+        r._send(PRIMARY, 1025, "mx.recipient.test", ITEM, ["bob@recipient.test"], b"x", lmtp=lmtp)
+    assert asked == [expected, "none"]

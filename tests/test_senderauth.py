@@ -519,6 +519,21 @@ def test_gate_does_not_check_mail_from_its_own_msa_but_still_strips():
     assert g.auth.resolver.asked == []  # no check ran
 
 
+def test_gate_with_checks_switched_off_checks_nothing_but_still_strips_forgeries():
+    """check_sender_auth = false: an MTA without SPF, DKIM and DMARC software. Forged
+    results that claim to be ours still go (RFC 8601 5): someone downstream trusts them."""
+    domain = Domain("recipient.test", "127.0.2.1", True, {"check_sender_auth": False})
+    inner = RecordingHandler(domain.address)
+    auth = SenderAuth(FakeDNS(txt={"_dmarc.sender.test": ["v=DMARC1; p=reject"]}), "mx.recipient.test",
+                      run_blocking=now)
+    g = InboundChecks(inner, auth, domain, check=domain.switch("check_sender_auth"))
+    forged = (b"X-Mailpipe-Folder: INBOX\r\n"
+              b"Authentication-Results: mx.recipient.test; spf=pass; dkim=pass; dmarc=pass\r\n") + MESSAGE
+    assert deliver(g, forged, peer=BAD_IP).code == 250  # a forgery DMARC would reject: accepted
+    assert inner.queued == [MESSAGE]  # both forgeries removed, no header of our own added
+    assert auth.resolver.asked == []  # and no check asked the DNS anything
+
+
 def test_the_helo_identity_is_checked_once_per_session():
     """RFC 7208 2.3: the HELO name is the client's, the same for every message of
     a session. Its SPF result serves the session's later messages (the trace says
@@ -683,6 +698,27 @@ def test_backup_mx_does_not_sign_its_own_domains_mail(keys, monkeypatch):
     result_of(router.by_mx("sender.test", item, ["alice@sender.test"], MESSAGE))
     assert calls[0] == ("recipient.test", MESSAGE)  # up to our primary MX: as it was
     assert calls[1][1].startswith(b"DKIM-Signature:")  # out to another domain: signed
+
+
+def test_a_domain_with_dkim_sign_false_relays_unsigned(tmp_path):
+    from types import SimpleNamespace
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from agents.senderauth import SigningRouter
+    from agents.trace import Tracer, read_events
+
+    tracer = Tracer(tmp_path / "trace" / "mta.jsonl", "mta.sender.test", "mta", "sender.test")
+    for signs in (True, False):
+        domain = Domain("sender.test", "127.0.1.1", True, {"dkim_sign": signs, "dkim_bits": 1024})
+        dkim.ensure_key(tmp_path, domain)
+        ctx = SimpleNamespace(domain=domain, tracer=tracer, reactor=MemoryReactorClock(),
+                              home=SimpleNamespace(root=tmp_path), spec=SimpleNamespace(role="mta"),
+                              resolver=lambda: FakeDNS())
+        router = SigningRouter(ctx, run_blocking=now)
+        assert (router.key is not None) == signs
+    [nokey] = [e for e in read_events(tmp_path / "trace") if e["event"] == "dkim.nokey"]
+    assert "dkim_sign = false" in nokey["reason"]
 
 
 def test_openssl_rsa_signing_gives_the_same_signature_as_dkimpy(tmp_path, monkeypatch):

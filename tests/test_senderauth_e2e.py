@@ -153,3 +153,27 @@ def test_cli_send_direct_mx(lab):
     )
     assert out.returncode == 0, out.stderr
     assert "550 5.7.1" in out.stdout
+
+
+def test_a_lab_with_every_domain_switch_off_delivers_plain_unsigned_unchecked_mail(tmp_path_factory):
+    """relay_tls, dkim_sign and check_sender_auth all false (agents.bench.bare_config, what
+    ``benchmarks/pipeline.py --bare`` measures): the mail still arrives, but nothing on the
+    way encrypted a relay hop, signed it or checked it. Submission keeps STARTTLS and AUTH."""
+    from agents.bench import bare_config
+    from support import make_lab, running
+
+    bare = make_lab(tmp_path_factory, configure=bare_config)
+    with running(bare):
+        sent = bare.send("alice@sender.test", "bob@recipient.test", "bare", "Nothing on top.\n")
+        raw = bare.wait_for("bob@recipient.test", sent["message_id"])["raw"]
+        events = bare.trace()
+    msg = email.message_from_string(raw, policy=email.policy.compat32)
+    assert msg["DKIM-Signature"] is None and auth_results(raw) == []
+    received = [" ".join(v.split()) for v in msg.get_all("Received")]
+    assert any("by smtp.sender.test" in r and "with ESMTPSA" in r for r in received)  # submission: TLS+AUTH
+    for by in ("mx.sender.test", "mx.recipient.test"):  # the two SMTP relay hops: no STARTTLS
+        assert any(f"by {by}" in r and "with ESMTP " in r for r in received), received
+    ours = [e for e in events if e.get("message_id") == sent["message_id"]]
+    assert not [e for e in ours if e["event"] in ("dkim.sign", "spf.result", "dkim.result", "dmarc.result")]
+    nokey = [e for e in events if e["event"] == "dkim.nokey" and e["agent"] == "mta.sender.test"]
+    assert nokey and "dkim_sign = false" in nokey[0]["reason"]
