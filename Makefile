@@ -19,8 +19,10 @@ lab: $(STAMP)         ## JupyterLab on the notebooks
 
 install: $(STAMP)
 
+# A fresh Debian has python3 without its venv module's pip: install
+# python3-venv then (scripts/debian-venv.sh) and try once more.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV) && bash scripts/debian-venv.sh && $(PYTHON) -m venv $(VENV); }
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
