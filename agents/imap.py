@@ -283,7 +283,8 @@ class MaildirMailbox:
         self._uid_validity = 0
         self._uid_next = 1
         self._listeners: list = []
-        self._last_rescan = time.monotonic()
+        self._last_rescan = self.clock()
+        self._rescan_interval = self.RESCAN_INTERVAL
 
     # -- the view -------------------------------------------------------------
 
@@ -324,22 +325,30 @@ class MaildirMailbox:
         self._recent.intersection_update(self._files)
         return expunged
 
-    #: Seconds between full rescans of the folder at NOOP, CHECK and IDLE.
-    #: New mail does not wait for them (the store tells each session at
-    #: once); they catch what other sessions or programs changed: expunges,
-    #: flags, files put in by hand. Dovecot does the same at an interval
-    #: (``mailbox_idle_check_interval``), since a rescan costs time in
-    #: proportion to the size of the folder.
+    #: Seconds between full rescans of the folder when a client enters IDLE
+    #: (NOOP and CHECK always rescan: the client asks for news). New mail does
+    #: not wait for them (the store tells each session at once); they catch
+    #: what other sessions or programs changed: expunges, flags, files put in
+    #: by hand. A rescan costs time in proportion to the folder's size (0.1 to
+    #: 0.15 s for 27,000 messages on the project's VM), so the interval grows
+    #: with what the last one took: a session spends at most RESCAN_SHARE of
+    #: its time rescanning, and waits at most RESCAN_MAX_INTERVAL, Dovecot's
+    #: default for IDLE (``mailbox_idle_check_interval``).
     RESCAN_INTERVAL = 1.0
+    RESCAN_MAX_INTERVAL = 30.0
+    RESCAN_SHARE = 0.01
+    clock = staticmethod(time.monotonic)
 
     def poll(self, force: bool = False) -> tuple[list[int], bool]:
         """Catch up at a command boundary: (expunged numbers, whether mail arrived)."""
         before = len(self._view())
-        now = time.monotonic()
-        if not force and now - self._last_rescan < self.RESCAN_INTERVAL:
+        started = self.clock()
+        if not force and started - self._last_rescan < self._rescan_interval:
             return [], False
-        self._last_rescan = now
         expunged = self._sync(expunge=True)
+        self._last_rescan = done = self.clock()
+        self._rescan_interval = min(self.RESCAN_MAX_INTERVAL,
+                                    max(self.RESCAN_INTERVAL, (done - started) / self.RESCAN_SHARE))
         return expunged, len(self._uids) > before - len(expunged)
 
     def _delivered(self, folder: str, key: str) -> None:

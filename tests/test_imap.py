@@ -181,6 +181,49 @@ def test_other_sessions_expunge_is_reported_at_noop(client, tmp_path):
     assert b"* 1 FETCH (UID 2)" in client.send(b"f FETCH 1 (UID)")
 
 
+def test_idle_rescans_a_big_folder_less_often(client, monkeypatch):
+    """Entering IDLE rescans the folder for what others changed, but a session
+    spends at most 1 % of its time on it: a scan that took 0.05 s waits 5 s for
+    the next (RESCAN_SHARE), one that took 1 s waits 30 s, not 100 (Dovecot's
+    mailbox_idle_check_interval). NOOP always rescans: the client asks for news."""
+    from agents.imap import MaildirMailbox
+    from agents.maildir import Maildir
+
+    now, scan_takes = [0.0], [0.05]
+    monkeypatch.setattr(MaildirMailbox, "clock", staticmethod(lambda: now[0]))
+    real_scan = Maildir.scan
+
+    def slow_scan(self, *args, **kwargs):  # as if the folder were big
+        now[0] += scan_takes[0]
+        return real_scan(self, *args, **kwargs)
+
+    monkeypatch.setattr(Maildir, "scan", slow_scan)
+    for _ in range(3):
+        client.deliver()
+    client.login()
+    client.send(b"s SELECT INBOX")
+
+    def idle_at(t: float) -> bytes:
+        now[0] = t
+        reply = client.send(b"i IDLE")
+        assert reply.endswith(b"+ idling\r\n") and client.send(b"DONE") == b"i OK IDLE terminated\r\n"
+        return reply[: -len(b"+ idling\r\n")]
+
+    assert idle_at(1.1) == b""  # the first rescan, 1 s after the first look: nothing changed
+    maildir = client.store.maildir(USER)
+    messages = maildir.scan().messages
+    maildir.remove(messages[0].key)  # another session, or a program, deletes one
+    assert idle_at(3.0) == b""  # 1.85 s after a 0.05 s scan: too soon to look again
+    assert idle_at(6.2) == b"* 1 EXPUNGE\r\n"  # more than 5 s: rescanned, and reported
+    scan_takes[0] = 1.0
+    maildir.remove(messages[1].key)
+    assert idle_at(11.3) == b"* 1 EXPUNGE\r\n"  # rescanned; that scan took 1 s
+    maildir.remove(messages[2].key)
+    assert idle_at(41.0) == b""  # 28.7 s later: still too soon
+    assert client.send(b"n NOOP").startswith(b"* 1 EXPUNGE\r\n")  # NOOP does not wait
+    assert idle_at(42.0) == b""
+
+
 def test_folders_and_special_use(client):
     client.login()
     reply = client.send(b'l LIST "" "*"')
