@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -285,7 +286,11 @@ def run_bench(reactor, home: LabHome, config: LabConfig, messages: int, concurre
 def hop_medians(trace_dir, message_ids: list[str]) -> dict[str, float]:
     """The p50 duration of each hop over the benchmark's messages, from the trace."""
     wanted = set(message_ids)
-    events = [e for e in read_events(trace_dir) if e.get("message_id") in wanted]
+    # Only lines that carry one of these Message-IDs matter: they share a
+    # prefix ("<bench-RUNID-"), so the rest of a long-lived lab's trace is
+    # skipped unparsed.
+    shared = os.path.commonprefix(message_ids) if message_ids else None
+    events = [e for e in read_events(trace_dir, containing=shared or None) if e.get("message_id") in wanted]
     by_message: dict[str, list] = {}
     for e in events:
         by_message.setdefault(e["message_id"], []).append(e)

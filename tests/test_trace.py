@@ -64,6 +64,18 @@ def test_with_a_scheduler_one_reactor_turn_is_one_write(tmp_path):
     assert [e["event"] for e in read_events(tmp_path)] == ["one", "two", "three"]
 
 
+def test_read_events_can_skip_lines_without_a_text_unparsed(tmp_path):
+    tracer = Tracer(tmp_path / "a.jsonl", "a", "mta", None)
+    tracer.event("dequeued", message_id="<m1@x.test>")
+    tracer.event("dequeued", message_id="<m2@x.test>")
+    tracer.event("relay.connected", conn="a/1/1")
+    with (tmp_path / "a.jsonl").open("a") as f:
+        f.write("not json, and no Message-ID\n")
+    tracer.close()
+    assert [e["message_id"] for e in read_events(tmp_path, containing="<m2@")] == ["<m2@x.test>"]
+    assert len(list(read_events(tmp_path))) == 3  # the broken line is skipped either way
+
+
 def test_a_disabled_tracer_writes_nothing(tmp_path):
     tracer = Tracer(None, "a", "mta", None)
     tracer.event("x")
