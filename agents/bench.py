@@ -289,8 +289,8 @@ def hop_medians(trace_dir, message_ids: list[str]) -> dict[str, float]:
     # Only lines that carry one of these Message-IDs matter: they share a
     # prefix ("<bench-RUNID-"), so the rest of a long-lived lab's trace is
     # skipped unparsed.
-    shared = os.path.commonprefix(message_ids) if message_ids else None
-    events = [e for e in read_events(trace_dir, containing=shared or None) if e.get("message_id") in wanted]
+    shared = os.path.commonprefix(message_ids) or None
+    events = [e for e in read_events(trace_dir, containing=shared) if e.get("message_id") in wanted]
     by_message: dict[str, list] = {}
     for e in events:
         by_message.setdefault(e["message_id"], []).append(e)

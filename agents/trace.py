@@ -246,7 +246,7 @@ def read_events(trace_dir: Path, containing: str | None = None) -> Iterator[dict
     """Every event of a lab home's trace directory, in file order per agent.
 
     With ``containing``, only the events whose JSON line contains that text:
-    a lab's trace grows by some 30 KB per message, and skipping a line costs
+    a lab's trace grows by some 25 KB per message, and skipping a line costs
     far less than parsing it. Pass text that the JSON writes as it is (a
     Message-ID, a queue id), since the test is on the line, not the fields.
     """
