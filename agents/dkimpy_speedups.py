@@ -53,10 +53,6 @@ _HASHES = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}
 
 # -- RSA through OpenSSL -------------------------------------------------------
 
-_openssl_keys: dict[int, rsa.RSAPrivateKey] = {}
-_openssl_public_keys: dict[int, rsa.RSAPublicKey] = {}
-
-
 def rsa_sign_with_openssl(digest, private_key: dict) -> bytes:
     """RSASSA-PKCS1-v1_5 (RFC 8017 8.2) through OpenSSL instead of pure Python.
 
@@ -66,25 +62,25 @@ def rsa_sign_with_openssl(digest, private_key: dict) -> bytes:
     arithmetic moves to the ``cryptography`` package. ``private_key`` is
     dkimpy's parsed key (a dict of the RFC 8017 A.1.2 numbers).
     """
-    key = _openssl_keys.get(private_key["modulus"])
-    if key is None:
-        public = rsa.RSAPublicNumbers(private_key["publicExponent"], private_key["modulus"])
-        key = rsa.RSAPrivateNumbers(
-            p=private_key["prime1"], q=private_key["prime2"], d=private_key["privateExponent"],
-            dmp1=private_key["exponent1"], dmq1=private_key["exponent2"],
-            iqmp=private_key["coefficient"], public_numbers=public,
-        ).private_key()
-        _openssl_keys[private_key["modulus"]] = key
-    algorithm = _HASHES[digest.name.lower()]
-    return key.sign(digest.digest(), padding.PKCS1v15(), Prehashed(algorithm))
+    numbers = tuple(private_key[k] for k in ("publicExponent", "modulus", "prime1", "prime2",
+                                             "privateExponent", "exponent1", "exponent2", "coefficient"))
+    key = _openssl_private_key(*numbers)
+    return key.sign(digest.digest(), padding.PKCS1v15(), Prehashed(_HASHES[digest.name.lower()]))
 
 
-def _openssl_public_key(public_key: dict) -> rsa.RSAPublicKey:
-    key = _openssl_public_keys.get(public_key["modulus"])
-    if key is None:
-        key = rsa.RSAPublicNumbers(public_key["publicExponent"], public_key["modulus"]).public_key()
-        _openssl_public_keys[public_key["modulus"]] = key
-    return key
+# OpenSSL's key objects, made once per key. The caches are keyed by every
+# number of the key and bounded: the public keys come from the DNS, that is
+# from anyone who sends us mail.
+
+@functools.lru_cache(maxsize=64)
+def _openssl_private_key(e, n, p, q, d, dmp1, dmq1, iqmp) -> rsa.RSAPrivateKey:
+    return rsa.RSAPrivateNumbers(p=p, q=q, d=d, dmp1=dmp1, dmq1=dmq1, iqmp=iqmp,
+                                 public_numbers=rsa.RSAPublicNumbers(e, n)).private_key()
+
+
+@functools.lru_cache(maxsize=256)
+def _openssl_public_key(e: int, n: int) -> rsa.RSAPublicKey:
+    return rsa.RSAPublicNumbers(e, n).public_key()
 
 
 def rsa_verify_with_openssl(digest, signature: bytes, public_key: dict) -> bool:
@@ -95,7 +91,7 @@ def rsa_verify_with_openssl(digest, signature: bytes, public_key: dict) -> bool:
     cannot take (an odd key size, say) goes to dkimpy's own code.
     """
     try:
-        _openssl_public_key(public_key).verify(
+        _openssl_public_key(public_key["publicExponent"], public_key["modulus"]).verify(
             signature, digest.digest(), padding.PKCS1v15(), Prehashed(_HASHES[digest.name.lower()]))
         return True
     except InvalidSignature:

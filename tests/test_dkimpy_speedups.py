@@ -159,3 +159,26 @@ def test_signatures_and_verdicts_are_the_same_with_and_without_the_speedups(
     assert fast_signed == slow_signed
     assert fast_verdicts == slow_verdicts
     assert fast_verdicts[0] == ("pass", "signature verified")
+
+
+def test_openssl_rsa_keys_are_cached_by_every_number_and_bounded():
+    """A DNS record with the same modulus but another exponent is another key:
+    verifying with it must give dkimpy's own answer, not a cached key's. The
+    public keys come from anyone's DNS, so their cache is bounded."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    numbers = rsa.generate_private_key(public_exponent=65537, key_size=1024).private_numbers()
+    private = {"publicExponent": numbers.public_numbers.e, "modulus": numbers.public_numbers.n,
+               "prime1": numbers.p, "prime2": numbers.q, "privateExponent": numbers.d,
+               "exponent1": numbers.dmp1, "exponent2": numbers.dmq1, "coefficient": numbers.iqmp}
+    digest = hashlib.sha256(b"a message")
+    signature = fast.rsa_sign_with_openssl(digest, private)
+    assert signature == dkimpy.crypto.RSASSA_PKCS1_v1_5_sign(digest, private)
+    right = {"publicExponent": numbers.public_numbers.e, "modulus": numbers.public_numbers.n}
+    wrong = {**right, "publicExponent": 3}
+    assert fast.rsa_verify_with_openssl(digest, signature, right)  # now cached under this modulus
+    assert not fast.rsa_verify_with_openssl(digest, signature, wrong)
+    assert not dkimpy.crypto.RSASSA_PKCS1_v1_5_verify(digest, signature, wrong)
+    assert fast._openssl_public_key.cache_info().maxsize == 256
