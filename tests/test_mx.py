@@ -123,11 +123,16 @@ class FakeReactor(task.Clock):
         pass
 
 
-def router(mx=MX, a=A, address="127.0.1.1", domain="sender.test", answers=None):
-    """A Router whose sends are looked up in ``answers``: ip -> code, or an exception."""
+def router(mx=MX, a=A, address="127.0.1.1", domain="sender.test", answers=None, options=None):
+    """A Router whose sends are looked up in ``answers``: ip -> code, or an exception.
+
+    ``options`` replace the domain's config table (its switches, say)."""
     config = LabConfig.load(None)
+    lab_domain = config.domain(domain)
+    if options is not None:
+        lab_domain = replace(lab_domain, options=options)
     ctx = SimpleNamespace(
-        config=config, domain=config.domain(domain), tracer=NULL_TRACER, reactor=FakeReactor(),
+        config=config, domain=lab_domain, tracer=NULL_TRACER, reactor=FakeReactor(),
         spec=AgentSpec(f"mta.{domain}", "mta", domain, address, {"smtp": 1025}),
         home=SimpleNamespace(ca_cert=None), resolver=lambda: resolver(mx, a),
     )
@@ -242,16 +247,9 @@ def test_certificate_is_reissued_when_the_domain_gains_a_host(tmp_path):
 @pytest.mark.parametrize("relay_tls, expected", [(True, "opportunistic"), (False, "none")])
 def test_relay_tls_decides_starttls_on_smtp_hops_and_lmtp_stays_plain(relay_tls, expected):
     """``relay_tls = false`` (a domain switch, agents.config): the SMTP hops go in plaintext."""
-    config = LabConfig.load(None)
-    domain = replace(config.domain("sender.test"), options={"relay_tls": relay_tls})
-    ctx = SimpleNamespace(
-        config=config, domain=domain, tracer=NULL_TRACER, reactor=FakeReactor(),
-        spec=AgentSpec("mta.sender.test", "mta", "sender.test", "127.0.1.1", {"smtp": 1025}),
-        home=SimpleNamespace(ca_cert=None), resolver=lambda: resolver(MX, A),
-    )
-    r = Router(ctx)
+    r = router(options={"relay_tls": relay_tls})
     asked = []
     r.cache = SimpleNamespace(send=lambda *args, **kwargs: asked.append(kwargs["tls"]))
-    for lmtp in (False, True):
-        r._send(PRIMARY, 1025, "mx.recipient.test", ITEM, ["bob@recipient.test"], b"x", lmtp=lmtp)
+    for lmtp in (False, True):  # the Router's own _send, not the table router() puts in its place
+        Router._send(r, PRIMARY, 1025, "mx.recipient.test", ITEM, ["bob@recipient.test"], b"x", lmtp=lmtp)
     assert asked == [expected, "none"]
